@@ -1,0 +1,187 @@
+# %%
+#| default_exp config
+
+# %% [markdown]
+# # Configuration
+#
+# > One typed settings object for every stage, overridable by `CATSDOGS_*` environment variables and CLI flags.
+
+# %% [markdown]
+# Every number the project depends on (paths, image size, split ratios, seed, MLflow URI,
+# upload limits) lives in `Settings`, and nowhere else. Values resolve in this order,
+# last wins:
+#
+# 1. the defaults below,
+# 2. environment variables named `CATSDOGS_<FIELD>` (and the standard `MLFLOW_TRACKING_URI`),
+# 3. command-line flags of the console scripts (`--field-name`).
+
+# %%
+#| export
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# ## Settings
+
+# %%
+#| export
+PETIMAGES_URL = ("https://download.microsoft.com/download/3/E/1/"
+                 "3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip")
+
+def _default_tracking_uri() -> str:
+    "The standard `MLFLOW_TRACKING_URI`, else a SQLite store in the working directory."
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+class Settings(BaseSettings):
+    "Every tunable of catsdogs, from data preparation to serving."
+    model_config = SettingsConfigDict(env_prefix="CATSDOGS_", extra="ignore", validate_assignment=True)
+
+    # --- data ---
+    data_dir: Path | None = Field(None, description="Local image folder (class subfolders or Kaggle-style names); unset: download PetImages")
+    dataset_url: str = Field(PETIMAGES_URL, description="URL of the PetImages zip")
+    dataset_sha256: str | None = Field(None, description="Expected sha256 of the zip; unset: record it, check only the size")
+    cache_dir: Path = Field(Path.home()/".cache"/"catsdogs", description="Where downloads and their extraction live")
+    prepared_dir: Path = Field(Path("artifacts/data"), description="Where `catsdogs_prepare` writes manifest.csv and skipped.csv")
+    class_names: tuple[str, ...] = Field(("cat", "dog"), description="Class names, in output order")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for validation")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for the test split")
+    seed: int = Field(42, description="Seed for splits, initialisation and augmentation")
+    near_duplicate_distance: int = Field(4, ge=0, le=16, description="Max perceptual-hash Hamming distance for near duplicates")
+    num_workers: int = Field(0, ge=0, description="Worker processes for preparation and loading; 0: one per core")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Larger images are refused as decompression bombs")
+
+    # --- images and model ---
+    image_size: int = Field(224, ge=32, description="Side of the square model input")
+    crop_fraction: float = Field(0.875, gt=0, le=1, description="Eval: resize shorter side to image_size/crop_fraction, then centre-crop")
+    architecture: str = Field("efficientnet_lite0", description="Backbone name from the model registry")
+
+    # --- training ---
+    epochs: int = Field(4, ge=1, description="Total epochs, frozen stage included")
+    freeze_epochs: int = Field(2, ge=0, description="Epochs that train the head only, backbone frozen")
+    batch_size: int = Field(32, ge=1, description="Images per training step (per process under torchrun)")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of the head")
+    backbone_lr: float = Field(3e-4, gt=0, description="Peak learning rate of the backbone once unfrozen")
+    weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss")
+    warmup_epochs: float = Field(0.3, ge=0, description="Linear warm-up of each stage, in epochs")
+    patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation loss")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`")
+    output: Path = Field(Path("artifacts/model"), description="Directory of the trained model artifact")
+    mlflow_tracking_uri: str = Field(default_factory=_default_tracking_uri, description="MLflow tracking URI (also read from MLFLOW_TRACKING_URI)")
+    experiment_name: str = Field("catsdogs", description="MLflow experiment name")
+    registered_model_name: str = Field("catsdogs", description="Name in the MLflow Model Registry")
+
+    # --- inference and serving ---
+    model_dir: Path = Field(Path("artifacts/model"), description="Model artifact directory to serve")
+    backend: Literal["auto", "onnx", "torchscript", "eager"] = Field("auto", description="Inference backend; auto: fastest that matches eager")
+    tta: bool = Field(False, description="Average the prediction of the image and its mirror")
+    threads: int = Field(0, ge=0, description="Inference threads; 0: one per core")
+    host: str = Field("127.0.0.1", description="Address the server binds")
+    port: int = Field(8000, ge=0, le=65535, description="Port the server binds")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    max_upload_bytes: int = Field(10_000_000, gt=0, description="Largest accepted upload or URL download, in bytes")
+    max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request")
+    max_batch_size: int = Field(16, ge=1, description="Most images in one micro-batched forward pass")
+    batch_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits for more requests")
+    url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
+    allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
+
+# %% [markdown]
+# Defaults need no environment; an environment variable overrides a default:
+
+# %%
+settings = Settings()
+test_eq(settings.image_size, 224)
+test_eq(settings.class_names, ("cat", "dog"))
+os.environ["CATSDOGS_IMAGE_SIZE"] = "192"
+test_eq(Settings().image_size, 192)
+del os.environ["CATSDOGS_IMAGE_SIZE"]
+
+# %% [markdown]
+# Values are validated, so a typo fails at start-up and not in the middle of a run:
+
+# %%
+test_fail(lambda: Settings(val_fraction=1.5), contains="less than 1")
+
+# %% [markdown]
+# The MLflow store follows the standard variable when it is set:
+
+# %%
+os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:5000"
+test_eq(Settings().mlflow_tracking_uri, "http://127.0.0.1:5000")
+del os.environ["MLFLOW_TRACKING_URI"]
+test_eq(Settings().mlflow_tracking_uri, "sqlite:///mlflow.db")
+
+# %%
+#| export
+@lru_cache
+def get_settings() -> Settings:
+    "The process-wide settings, read from the environment once (tests may `get_settings.cache_clear()`)."
+    return Settings()
+
+# %% [markdown]
+# ## Command-line flags
+#
+# Each console script picks the fields it needs; `settings_parser` turns them into
+# `--kebab-case` flags whose help text is the field's description, and `parse_settings`
+# builds a `Settings` where only the flags actually given override the environment.
+
+# %%
+#| export
+def _flag_type(annotation):
+    "The argparse type for a field annotation such as `Path | None` or `int`."
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return _flag_type(args[0])
+    if typing.get_origin(annotation) is Literal: return str
+    if typing.get_origin(annotation) is tuple: return lambda s: tuple(x.strip() for x in s.split(","))
+    return annotation
+
+def settings_parser(description:str, # What the command does
+                    fields:list[str], # `Settings` fields to expose as flags
+                    **kwargs) -> argparse.ArgumentParser:
+    "An argument parser with one `--flag` per `Settings` field, defaults left to the environment."
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    defaults = Settings()
+    for name in fields:
+        info = Settings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} (env CATSDOGS_{name.upper()}; now: {getattr(defaults, name)})"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else None
+            parser.add_argument(flag, dest=name, type=_flag_type(info.annotation), choices=choices, default=None, help=help_text)
+    return parser
+
+def parse_settings(parser:argparse.ArgumentParser, argv:list[str]|None=None) -> tuple[Settings, argparse.Namespace]:
+    "Parse `argv`; returns `Settings` with the given flags applied, and the namespace for non-setting flags."
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides), args
+
+# %% [markdown]
+# Flags override the environment, and unset flags leave it alone:
+
+# %%
+parser = settings_parser("demo", ["image_size", "data_dir", "tta", "backend"])
+os.environ["CATSDOGS_IMAGE_SIZE"] = "160"
+cfg, _ = parse_settings(parser, ["--data-dir", "photos", "--tta"])
+test_eq((cfg.image_size, cfg.data_dir, cfg.tta), (160, Path("photos"), True))
+cfg, _ = parse_settings(parser, ["--image-size", "128"])
+test_eq(cfg.image_size, 128)
+del os.environ["CATSDOGS_IMAGE_SIZE"]

@@ -1,0 +1,612 @@
+# %%
+#| default_exp data
+
+# %% [markdown]
+# # Data
+#
+# > From photos on disk to a cleaned, versioned split manifest, a `Dataset`, and the one eval preprocessing that training and serving share.
+
+# %% [markdown]
+# The stage runs as `catsdogs_prepare` and does four things:
+#
+# 1. **finds** the images: the Microsoft PetImages zip (downloaded once, resumable), a folder
+#    with one subfolder per class, or a flat folder of Kaggle names (`cat.12.jpg`);
+# 2. **validates** every file by decoding it fully once, in parallel; unreadable files are
+#    skipped *with a reason*;
+# 3. **groups duplicates**, exact (sha256) and near (perceptual hash), so a photo never sits
+#    in two splits, and drops groups whose copies disagree on the label;
+# 4. **splits** 80/10/10 per class by a seeded hash of each duplicate group, so the split is
+#    deterministic and adding images never moves an existing one.
+#
+# The manifest's sha256 is the dataset version that training logs to MLflow.
+
+# %%
+#| export
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+from catsdogs.config import Settings, parse_settings, settings_parser
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail, test_close
+
+# %% [markdown]
+# ## Demo data
+#
+# Examples and tests run on the real sample `../shared/data/PetImages-mini` beside the
+# checkout. Where it is absent, `make_demo_folder` writes a small stand-in with the same
+# layout and the same kinds of odd files, so every cell still runs.
+
+# %%
+#| export
+def make_demo_folder(dest:Path, # Folder to create (class subfolders go inside)
+                     n_per_class:int=12, # Good JPEGs per class
+                     seed:int=0) -> Path:
+    "Write a small PetImages-like folder of real JPEGs plus the odd files the real download has."
+    rng = np.random.default_rng(seed)
+    dest = Path(dest)
+    for label, channel in (("Cat", 0), ("Dog", 2)):
+        folder = dest/label; folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            pixels = rng.integers(0, 120, (96 + 8*i, 128, 3), dtype=np.uint8)
+            pixels[..., channel] += 120  # cats lean red, dogs blue
+            Image.fromarray(pixels).save(folder/f"{label.lower()}.{i}.jpg", quality=90)
+        (folder/"Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
+    cat = dest/"Cat"
+    (cat/"empty.jpg").write_bytes(b"")
+    (cat/"truncated.jpg").write_bytes((cat/"cat.0.jpg").read_bytes()[:400])
+    (cat/"notes.jpg").write_text("not an image")
+    Image.open(cat/"cat.1.jpg").convert("CMYK").save(cat/"cmyk.jpg")
+    Image.open(cat/"cat.2.jpg").convert("L").save(cat/"gray.jpg")
+    Image.open(cat/"cat.3.jpg").save(cat/"png_inside.jpg", format="PNG")
+    Image.open(cat/"cat.4.jpg").convert("RGBA").save(cat/"rgba.jpg", format="PNG")
+    shutil.copy(cat/"cat.5.jpg", cat/"copy_of_cat5.jpg")  # exact duplicate
+    Image.open(cat/"cat.6.jpg").resize((100, 86)).save(cat/"small_cat6.jpg", quality=70)  # near duplicate
+    shutil.copy(cat/"cat.7.jpg", dest/"Dog"/"mislabelled.jpg")  # same photo, other label
+    return dest
+
+def demo_data_dir() -> Path:
+    "The real sample beside the checkout when present, else a generated stand-in."
+    for base in (Path.cwd(), *Path.cwd().parents):
+        sample = base/"shared"/"data"/"PetImages-mini"
+        if sample.is_dir() and base.name != "shared": return sample
+        if (base/"settings.ini").exists():
+            sample = base.parent/"shared"/"data"/"PetImages-mini"
+            if sample.is_dir(): return sample
+            break
+    return make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
+
+# %%
+data_dir = demo_data_dir()
+data_dir, sorted(p.name for p in data_dir.iterdir())
+
+# %% [markdown]
+# ## Finding the images
+#
+# A file's label comes from the nearest folder named after a class (`Cat/`, `cats/`, any
+# case), else from a Kaggle-style name (`dog.7.jpg`). Every file is listed, `Thumbs.db`
+# included, so the skipped report accounts for all of them.
+
+# %%
+#| export
+def _label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
+    "The class a relative path names by folder (nearest first) or by Kaggle-style file name."
+    for part in reversed(rel_path.parts[:-1]):
+        name = part.lower()
+        for c in class_names:
+            if name in (c, c + "s"): return c
+    m = re.match(r"^([a-z]+)[._-]\d+", rel_path.name.lower())
+    if m and m.group(1) in class_names: return m.group(1)
+    return None
+
+def find_images(root:Path, # Folder to scan recursively
+                class_names:tuple[str, ...]=("cat", "dog")) -> pd.DataFrame:
+    "Every file under `root` with its label (None when neither folder nor name gives one), sorted by path."
+    root = Path(root)
+    if not root.is_dir(): raise FileNotFoundError(f"data folder not found: {root}")
+    rows = [(p.relative_to(root).as_posix(), _label_of(p.relative_to(root), class_names))
+            for p in root.rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
+    return pd.DataFrame(sorted(rows), columns=["path", "label"])
+
+# %%
+files = find_images(data_dir)
+test_eq(set(files.label.dropna()), {"cat", "dog"})
+test_eq(_label_of(Path("PetImages/Cat/1.jpg"), ("cat", "dog")), "cat")
+test_eq(_label_of(Path("train/dog.7.jpg"), ("cat", "dog")), "dog")
+test_eq(_label_of(Path("DOGS/x.jpg"), ("cat", "dog")), "dog")
+test_eq(_label_of(Path("misc/x.jpg"), ("cat", "dog")), None)
+files.label.value_counts(dropna=False)
+
+# %% [markdown]
+# ## Loading one image
+#
+# `load_image` is the only way the project turns bytes into pixels: preparation, training,
+# evaluation and the API all call it. It refuses decompression bombs before decoding,
+# decodes JPEGs in draft mode at the smallest scale that still covers the model input (a
+# large photo decodes several times faster), applies the EXIF orientation, takes the first
+# frame of animations, and converts every mode (CMYK, grayscale, palette, RGBA on white) to RGB.
+
+# %%
+#| export
+class ImageError(ValueError):
+    "A file that cannot be used as an image; `reason` is a short machine-readable cause."
+    def __init__(self, reason:str, detail:str=""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+def _open_image(source:Path|str|bytes, max_pixels:int|None) -> Image.Image:
+    "Open `source` lazily, raising `ImageError` for empty, unidentifiable or oversized input."
+    if isinstance(source, (bytes, bytearray)):
+        if not source: raise ImageError("empty file")
+        fp = io.BytesIO(source)
+    else:
+        if Path(source).stat().st_size == 0: raise ImageError("empty file")
+        fp = source
+    try: img = Image.open(fp)
+    except UnidentifiedImageError as e: raise ImageError("not an image", "unknown format") from e
+    except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
+    if max_pixels and img.width * img.height > max_pixels:
+        raise ImageError("too many pixels", f"{img.width}x{img.height} is over the limit of {max_pixels:,} pixels")
+    return img
+
+def to_rgb(img:Image.Image) -> Image.Image:
+    "Convert any PIL mode to RGB; transparent pixels become white rather than black."
+    if img.mode == "RGB": return img
+    if img.mode == "P" and "transparency" in img.info: img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) / 256, 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+def load_image(source:Path|str|bytes, # A path or the file's bytes
+               draft_size:int|None=None, # JPEG: decode at the smallest scale with both sides >= this
+               max_pixels:int|None=None, # Refuse larger images before decoding
+              ) -> Image.Image:
+    "Decode an image file into an upright RGB PIL image, or raise `ImageError`."
+    img = _open_image(source, max_pixels)
+    try:
+        if draft_size and img.format == "JPEG": img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except ImageError: raise
+    except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError("corrupt or truncated image", str(e)) from e
+
+# %%
+img = load_image(data_dir/"Cat"/"cat.1.jpg")
+test_eq(img.mode, "RGB")
+buf = io.BytesIO(); Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buf, format="PNG")
+test_eq(load_image(buf.getvalue()).getpixel((0, 0)), (255, 255, 255))
+test_fail(lambda: load_image(b""), contains="empty file")
+test_fail(lambda: load_image(b"hello"), contains="not an image")
+test_fail(lambda: load_image(buf.getvalue(), max_pixels=10), contains="too many pixels")
+img
+
+# %% [markdown]
+# EXIF orientation is applied: a photo stored sideways with the "rotate 90°" tag comes out upright.
+
+# %%
+exif = Image.Exif(); exif[0x0112] = 6  # Orientation: rotate 90 CW on display
+buf = io.BytesIO(); Image.new("RGB", (40, 20)).save(buf, format="JPEG", exif=exif)
+test_eq(load_image(buf.getvalue()).size, (20, 40))
+
+# %% [markdown]
+# ## Validating every file
+#
+# `inspect_image` reads a file once: its sha256, a full decode (so truncation is caught), the
+# size after EXIF rotation, format, mode, and a 64-bit perceptual hash for near duplicates.
+# It never raises; a bad file comes back with a `reason`.
+
+# %%
+#| export
+_SYSTEM_FILES = {"thumbs.db", ".ds_store", "desktop.ini"}
+
+def inspect_image(path:Path, max_pixels:int|None=None) -> dict:
+    "Facts about one file: sha256, size, format, mode, perceptual hash; or the reason it is unusable."
+    path = Path(path)
+    if path.name.lower() in _SYSTEM_FILES: return {"reason": f"system file ({path.name})"}
+    data = path.read_bytes()
+    facts = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    try:
+        img = _open_image(data, max_pixels)
+        fmt, mode = img.format, img.mode
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+    except ImageError as e: return {**facts, "reason": str(e)}
+    except Exception as e: return {**facts, "reason": f"corrupt or truncated image: {e}"}
+    gray = upright.convert("L") if upright.mode != "RGBA" else to_rgb(upright).convert("L")
+    return {**facts, "width": upright.width, "height": upright.height, "format": fmt, "mode": mode,
+            "phash": str(imagehash.phash(gray)), "reason": None}
+
+# %%
+facts = inspect_image(data_dir/"Cat"/"cat.1.jpg")
+test_eq((facts["format"], facts["mode"], facts["reason"]), ("JPEG", "RGB", None))
+test_eq(len(facts["phash"]), 16)
+test_eq(inspect_image(data_dir/"Cat"/"Thumbs.db")["reason"], "system file (Thumbs.db)")
+facts
+
+# %% [markdown]
+# `inspect_images` runs that over every file in worker processes, with a progress bar.
+
+# %%
+#| export
+def _inspect_star(args): return inspect_image(*args)
+
+def inspect_images(root:Path, # Folder the paths are relative to
+                   paths:list[str], # Relative paths
+                   workers:int=0, # Processes; 0: one per core
+                   max_pixels:int|None=None, progress:bool=True) -> pd.DataFrame:
+    "`inspect_image` over many files in parallel, one row per path, in the order given."
+    workers = workers or os.cpu_count() or 1
+    jobs = [(Path(root)/p, max_pixels) for p in paths]
+    if workers == 1 or len(jobs) < 64:
+        results = [inspect_image(*j) for j in tqdm(jobs, desc="validating", disable=not progress)]
+    else:
+        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(tqdm(pool.map(_inspect_star, jobs, chunksize=32), total=len(jobs),
+                                desc="validating", disable=not progress))
+    return pd.DataFrame(results, index=pd.Index(paths, name="path")).reset_index()
+
+# %%
+facts = inspect_images(data_dir, files.path.tolist(), progress=False)
+facts[facts.reason.notna()][["path", "reason"]]
+
+# %% [markdown]
+# ## Duplicates
+#
+# Two files belong to one group when their bytes are equal (sha256) or their perceptual hashes
+# differ in at most `near_duplicate_distance` bits (the same photo resized or re-encoded). Near
+# pairs are found without comparing every pair: split the 64-bit hash into `d+1` blocks, and any
+# two hashes within distance `d` agree on at least one whole block, so only files sharing a block
+# are compared. A group is named by the smallest sha256 in it, which does not change when
+# unrelated images are added.
+
+# %%
+#| export
+def _find(parent:list[int], i:int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+def _near_pairs(hashes:list[int], max_distance:int):
+    "Index pairs whose 64-bit hashes differ in at most `max_distance` bits (pigeonhole blocks)."
+    n_blocks = max_distance + 1
+    bounds = [round(64 * k / n_blocks) for k in range(n_blocks + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        buckets: dict[int, list[int]] = {}
+        mask = (1 << (hi - lo)) - 1
+        for i, h in enumerate(hashes): buckets.setdefault((h >> lo) & mask, []).append(i)
+        for members in buckets.values():
+            for a_pos, a in enumerate(members):
+                for b in members[a_pos + 1:]:
+                    if bin(hashes[a] ^ hashes[b]).count("1") <= max_distance: yield a, b
+
+def duplicate_groups(sha256s:list[str], # One per image
+                     phashes:list[str], # Hex perceptual hashes, aligned with `sha256s`
+                     max_distance:int=4) -> list[str]:
+    "A group id per image: the first 16 hex digits of the smallest sha256 among its duplicates."
+    parent = list(range(len(sha256s)))
+    def union(a, b): parent[_find(parent, a)] = _find(parent, b)
+    first_of: dict[str, int] = {}
+    for i, s in enumerate(sha256s): union(i, first_of.setdefault(s, i))
+    for a, b in _near_pairs([int(h, 16) for h in phashes], max_distance): union(a, b)
+    smallest: dict[int, str] = {}
+    for i, s in enumerate(sha256s):
+        r = _find(parent, i)
+        smallest[r] = min(smallest.get(r, s), s)
+    return [smallest[_find(parent, i)][:16] for i in range(len(sha256s))]
+
+# %%
+groups = duplicate_groups(["aa", "bb", "aa", "cc"], ["0000000000000000", "00000000000000ff", "ffffffffffffffff", "0000000000000003"], max_distance=2)
+test_eq(groups, ["aa", "bb", "aa", "aa"])
+
+# %% [markdown]
+# ## Splitting
+#
+# Each duplicate group draws a number in [0, 1) from `sha256(seed, group)`: below
+# `test_fraction` it goes to test, below `test_fraction + val_fraction` to val, else train.
+# Since the draw is per group and independent of the label, each class splits 80/10/10 up to
+# sampling noise, every copy of a photo shares a split, and an image keeps its split however
+# many others are added. (Only an image that *joins* an existing group can move it, by
+# giving it a smaller sha256: the price of never leaking a photo across splits.)
+
+# %%
+#| export
+def split_of(group:str, seed:int=42, val_fraction:float=0.1, test_fraction:float=0.1) -> str:
+    "The split of a duplicate group: a seeded hash draw, stable whatever else is in the dataset."
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
+    if draw < test_fraction: return "test"
+    if draw < test_fraction + val_fraction: return "val"
+    return "train"
+
+# %%
+splits = pd.Series([split_of(f"{i:016x}") for i in range(20_000)]).value_counts(normalize=True)
+test_close(splits["train"], 0.8, eps=0.01); test_close(splits["test"], 0.1, eps=0.01)
+test_eq(split_of("abc", seed=1), split_of("abc", seed=1))
+
+# %% [markdown]
+# ## The manifest
+#
+# `build_manifest` joins the three steps. It returns the manifest (one row per usable image,
+# sorted by path) and the skipped report (one row per unused file, with its reason).
+
+# %%
+#| export
+MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "group", "width", "height", "format", "mode", "bytes", "phash"]
+
+def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Validate, group and split every image under `root`: `(manifest, skipped)`."
+    settings = settings or Settings()
+    files = find_images(root, settings.class_names)
+    skipped = [(p, "no class folder or class name in the file name") for p in files.path[files.label.isna()]]
+    files = files[files.label.notna()]
+    facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)
+    facts["label"] = files.label.values
+    bad = facts.reason.notna()
+    skipped += list(zip(facts.path[bad], facts.reason[bad]))
+    good = facts[~bad].copy()
+    good["group"] = duplicate_groups(good.sha256.tolist(), good.phash.tolist(), settings.near_duplicate_distance)
+    labels_per_group = good.groupby("group").label.nunique()
+    conflicted = good.group.isin(labels_per_group.index[labels_per_group > 1])
+    for path, group in zip(good.path[conflicted], good.group[conflicted]):
+        skipped.append((path, f"duplicate group {group} has conflicting labels"))
+    good = good[~conflicted].copy()
+    good["split"] = [split_of(g, settings.seed, settings.val_fraction, settings.test_fraction) for g in good.group]
+    good[["width", "height", "bytes"]] = good[["width", "height", "bytes"]].astype(int)
+    manifest = good[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
+    skipped = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
+    return manifest, skipped
+
+# %%
+manifest, skipped = build_manifest(data_dir, progress=False)
+test_eq(manifest.groupby("sha256").split.nunique().max(), 1)
+test_eq(manifest.groupby("group").split.nunique().max(), 1)
+test_eq(set(manifest.path) & set(skipped.path), set())
+skipped
+
+# %%
+pd.crosstab(manifest.label, manifest.split, margins=True)
+
+# %% [markdown]
+# `write_prepared` saves both tables as CSV with fixed formatting, so the same input gives a
+# byte-identical manifest, and `dataset.json` beside them with the version (the manifest's
+# sha256), the data root and the counts.
+
+# %%
+#| export
+@dataclass
+class PreparedData:
+    "A prepared dataset: the manifest, the folder its paths are relative to, and its version."
+    manifest: pd.DataFrame
+    root: Path
+    version: str
+
+    def split(self, name:str) -> pd.DataFrame:
+        "The manifest rows of one split (`train`, `val` or `test`)."
+        return self.manifest[self.manifest.split == name].reset_index(drop=True)
+
+def write_prepared(out:Path, manifest:pd.DataFrame, skipped:pd.DataFrame, root:Path) -> PreparedData:
+    "Write `manifest.csv`, `skipped.csv` and `dataset.json` to `out`; returns the `PreparedData`."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    manifest_bytes = manifest.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).encode()
+    (out/"manifest.csv").write_bytes(manifest_bytes)
+    (out/"skipped.csv").write_bytes(skipped.to_csv(index=False, lineterminator="\n").encode())
+    version = hashlib.sha256(manifest_bytes).hexdigest()
+    counts = {s: {c: int(n) for c, n in g.label.value_counts().sort_index().items()} for s, g in manifest.groupby("split")}
+    info = {"version": version, "root": str(Path(root).resolve()), "n_images": len(manifest),
+            "n_skipped": len(skipped), "counts": counts}
+    (out/"dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    return PreparedData(manifest, Path(root).resolve(), version)
+
+def load_prepared(out:Path, root:Path|None=None) -> PreparedData:
+    "Read what `write_prepared` wrote; `root` overrides the recorded data folder."
+    out = Path(out)
+    info = json.loads((out/"dataset.json").read_text())
+    manifest = pd.read_csv(out/"manifest.csv", dtype={"phash": str, "group": str, "sha256": str})
+    return PreparedData(manifest, Path(root or info["root"]), info["version"])
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    prepared = write_prepared(tmp, manifest, skipped, data_dir)
+    first = (Path(tmp)/"manifest.csv").read_bytes()
+    write_prepared(tmp, *build_manifest(data_dir, progress=False), data_dir)
+    test_eq((Path(tmp)/"manifest.csv").read_bytes(), first)
+    test_eq(load_prepared(tmp).version, prepared.version)
+prepared.version
+
+# %% [markdown]
+# ## Downloading PetImages
+#
+# With no `data_dir`, preparation downloads the Microsoft PetImages zip (the source of the
+# Kaggle and TFDS `cats_vs_dogs` sets) into the cache once. An interrupted download resumes
+# from its `.part` file with an HTTP range request; the size is checked against the server's
+# and the sha256 against `dataset_sha256` when set, and recorded beside the zip either way.
+
+# %%
+#| export
+def _sha256_file(path:Path, chunk:int=1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk): digest.update(block)
+    return digest.hexdigest()
+
+def download(url:str, # http(s) URL
+             dest:Path, # Final file path
+             sha256:str|None=None, # Expected digest, if known
+             timeout:float=60, progress:bool=True) -> Path:
+    "Download `url` to `dest` once, resuming a partial download, checking size and sha256."
+    dest = Path(dest)
+    if dest.exists() and (sha256 is None or _sha256_file(dest) == sha256): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if have and response.status != 206: have = 0  # server ignored the range: start again
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                            desc=f"downloading {dest.name}", disable=not progress) as bar:
+            while block := response.read(1 << 20):
+                f.write(block); bar.update(len(block))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise IOError(f"download of {url} stopped at {size:,} of {total:,} bytes; run again to resume")
+    digest = _sha256_file(part)
+    if sha256 and digest != sha256:
+        part.unlink()
+        raise IOError(f"sha256 of {url} is {digest}, expected {sha256}; the partial file was removed")
+    part.rename(dest)
+    dest.with_name(dest.name + ".sha256").write_text(f"{digest}  {dest.name}\n")
+    return dest
+
+def extract_zip(archive:Path, dest:Path) -> Path:
+    "Extract `archive` into `dest` once (a marker file records completion); returns `dest`."
+    dest = Path(dest); marker = dest/".extracted"
+    if marker.exists(): return dest
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            target = (dest/member.filename).resolve()
+            if not target.is_relative_to(dest.resolve()): raise IOError(f"unsafe path in archive: {member.filename}")
+        zf.extractall(dest)
+    marker.write_text(archive.name + "\n")
+    return dest
+
+def resolve_data_dir(settings:Settings, progress:bool=True) -> Path:
+    "`settings.data_dir` if set, else the PetImages folder from the (cached) download."
+    if settings.data_dir is not None:
+        if not Path(settings.data_dir).is_dir(): raise FileNotFoundError(f"--data-dir {settings.data_dir} is not a folder")
+        return Path(settings.data_dir)
+    name = settings.dataset_url.rstrip("/").rsplit("/", 1)[-1] or "dataset.zip"
+    archive = download(settings.dataset_url, settings.cache_dir/name, settings.dataset_sha256, progress=progress)
+    extracted = extract_zip(archive, settings.cache_dir/Path(name).stem)
+    return extracted/"PetImages" if (extracted/"PetImages").is_dir() else extracted
+
+# %% [markdown]
+# The download is exercised against a local HTTP server in `tests/test_data.py` (this
+# notebook runs offline). With a `data_dir`, nothing is downloaded:
+
+# %%
+test_eq(resolve_data_dir(Settings(data_dir=data_dir)), data_dir)
+
+# %% [markdown]
+# ## `catsdogs_prepare`
+
+# %%
+#| export
+def prepare(settings:Settings|None=None, out:Path|None=None, progress:bool=True) -> PreparedData:
+    "Find or download the data, validate, deduplicate and split it, and write it to `out`."
+    settings = settings or Settings()
+    root = resolve_data_dir(settings, progress)
+    manifest, skipped = build_manifest(root, settings, progress)
+    if manifest.empty: raise ValueError(f"no usable images under {root}")
+    return write_prepared(out or settings.prepared_dir, manifest, skipped, root)
+
+_PREPARE_FLAGS = ["data_dir", "dataset_url", "dataset_sha256", "cache_dir", "val_fraction", "test_fraction",
+                  "seed", "near_duplicate_distance", "num_workers", "max_image_pixels"]
+
+def prepare_cli(argv:list[str]|None=None):
+    "Console script `catsdogs_prepare`: write manifest.csv, skipped.csv and dataset.json."
+    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.", _PREPARE_FLAGS)
+    parser.add_argument("--out", type=Path, default=None, help="Output folder (default: settings.prepared_dir)")
+    settings, args = parse_settings(parser, argv)
+    prepared = prepare(settings, args.out or settings.prepared_dir)
+    out = args.out or settings.prepared_dir
+    skipped = pd.read_csv(Path(out)/"skipped.csv")
+    print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")
+    print(pd.crosstab(prepared.manifest.label, prepared.manifest.split, margins=True).to_string())
+    if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    prepare_cli(["--data-dir", str(data_dir), "--out", tmp])
+
+# %% [markdown]
+# ## Preprocessing: one function for training, evaluation and serving
+#
+# `eval_transform` is *the* preprocessing at inference time: resize the shorter side to
+# `image_size / crop_fraction`, centre-crop `image_size`, scale to [0, 1], normalise. Training,
+# `catsdogs_eval`, the predictor and the tests all import it, so there is no train/serve skew.
+# `train_transform` adds the augmentation. `decode_size` is the JPEG draft size both use.
+
+# %%
+#| export
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def decode_size(image_size:int=224, crop_fraction:float=0.875) -> int:
+    "The shorter side images are resized to before cropping; also the JPEG draft size."
+    return int(round(image_size / crop_fraction))
+
+def eval_transform(image_size:int=224, crop_fraction:float=0.875,
+                   mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
+    "Deterministic preprocessing from an RGB PIL image to a normalised CHW float tensor."
+    return T.Compose([T.Resize(decode_size(image_size, crop_fraction), antialias=True), T.CenterCrop(image_size),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+def train_transform(image_size:int=224, mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
+    "Training augmentation: random resized crop, flip, small rotation, colour jitter, random erasing."
+    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip(),
+                      T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.02),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std),
+                      T.RandomErasing(p=0.25, scale=(0.02, 0.15))])
+
+# %%
+x = eval_transform()(load_image(data_dir/"Dog"/"dog.1.jpg", draft_size=decode_size()))
+test_eq((x.shape, x.dtype), ((3, 224, 224), torch.float32))
+test_eq(train_transform(160)(img).shape, (3, 160, 160))
+test_eq(decode_size(224, 0.875), 256)
+
+# %% [markdown]
+# ## `ImageDataset`
+
+# %%
+#| export
+class ImageDataset(torch.utils.data.Dataset):
+    "Rows of a manifest as `(tensor, class index)` pairs, loaded with `load_image` and `transform`."
+    def __init__(self, rows:pd.DataFrame, root:Path, transform, class_names:tuple[str, ...]=("cat", "dog"),
+                 draft_size:int|None=None):
+        self.paths = [Path(root)/p for p in rows.path]
+        self.targets = [class_names.index(label) for label in rows.label]
+        self.transform, self.draft_size = transform, draft_size
+
+    def __len__(self): return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.paths[i], self.draft_size)), self.targets[i]
+
+# %%
+ds = ImageDataset(prepared.split("train"), prepared.root, eval_transform(), draft_size=decode_size())
+x, y = ds[0]
+test_eq(x.shape, (3, 224, 224)); test_eq(y, ("cat", "dog").index(prepared.split("train").label[0]))
+len(ds)
