@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import Settings, parse_settings, settings_parser
 
@@ -161,7 +161,7 @@ def inspect_image(path:Path, max_pixels:int|None=None) -> dict:
         upright = ImageOps.exif_transpose(img)
     except ImageError as e: return {**facts, "reason": str(e)}
     except Exception as e: return {**facts, "reason": f"corrupt or truncated image: {e}"}
-    gray = upright.convert("L") if upright.mode != "RGBA" else to_rgb(upright).convert("L")
+    gray = to_rgb(upright).convert("L")  # transparency on white, as `load_image` does
     return {**facts, "width": upright.width, "height": upright.height, "format": fmt, "mode": mode,
             "phash": str(imagehash.phash(gray)), "reason": None}
 

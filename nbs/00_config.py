@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
     allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
 
+
 # %% [markdown]
 # Defaults need no environment; an environment variable overrides a default:
 
@@ -126,12 +127,14 @@ test_eq(Settings().mlflow_tracking_uri, "http://127.0.0.1:5000")
 del os.environ["MLFLOW_TRACKING_URI"]
 test_eq(Settings().mlflow_tracking_uri, "sqlite:///mlflow.db")
 
+
 # %%
 #| export
 @lru_cache
 def get_settings() -> Settings:
     "The process-wide settings, read from the environment once (tests may `get_settings.cache_clear()`)."
     return Settings()
+
 
 # %% [markdown]
 # ## Command-line flags
@@ -173,6 +176,7 @@ def parse_settings(parser:argparse.ArgumentParser, argv:list[str]|None=None) -> 
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**overrides), args
+
 
 # %% [markdown]
 # Flags override the environment, and unset flags leave it alone:

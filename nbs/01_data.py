@@ -45,13 +45,14 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from catsdogs.config import Settings, parse_settings, settings_parser
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
+
 
 # %% [markdown]
 # ## Demo data
@@ -99,9 +100,11 @@ def demo_data_dir() -> Path:
             break
     return make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
 
+
 # %%
 data_dir = demo_data_dir()
 data_dir, sorted(p.name for p in data_dir.iterdir())
+
 
 # %% [markdown]
 # ## Finding the images
@@ -131,6 +134,7 @@ def find_images(root:Path, # Folder to scan recursively
             for p in root.rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
     return pd.DataFrame(sorted(rows), columns=["path", "label"])
 
+
 # %%
 files = find_images(data_dir)
 test_eq(set(files.label.dropna()), {"cat", "dog"})
@@ -139,6 +143,7 @@ test_eq(_label_of(Path("train/dog.7.jpg"), ("cat", "dog")), "dog")
 test_eq(_label_of(Path("DOGS/x.jpg"), ("cat", "dog")), "dog")
 test_eq(_label_of(Path("misc/x.jpg"), ("cat", "dog")), None)
 files.label.value_counts(dropna=False)
+
 
 # %% [markdown]
 # ## Loading one image
@@ -201,6 +206,7 @@ def load_image(source:Path|str|bytes, # A path or the file's bytes
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError("corrupt or truncated image", str(e)) from e
 
+
 # %%
 img = load_image(data_dir/"Cat"/"cat.1.jpg")
 test_eq(img.mode, "RGB")
@@ -243,9 +249,10 @@ def inspect_image(path:Path, max_pixels:int|None=None) -> dict:
         upright = ImageOps.exif_transpose(img)
     except ImageError as e: return {**facts, "reason": str(e)}
     except Exception as e: return {**facts, "reason": f"corrupt or truncated image: {e}"}
-    gray = upright.convert("L") if upright.mode != "RGBA" else to_rgb(upright).convert("L")
+    gray = to_rgb(upright).convert("L")  # transparency on white, as `load_image` does
     return {**facts, "width": upright.width, "height": upright.height, "format": fmt, "mode": mode,
             "phash": str(imagehash.phash(gray)), "reason": None}
+
 
 # %%
 facts = inspect_image(data_dir/"Cat"/"cat.1.jpg")
@@ -253,6 +260,7 @@ test_eq((facts["format"], facts["mode"], facts["reason"]), ("JPEG", "RGB", None)
 test_eq(len(facts["phash"]), 16)
 test_eq(inspect_image(data_dir/"Cat"/"Thumbs.db")["reason"], "system file (Thumbs.db)")
 facts
+
 
 # %% [markdown]
 # `inspect_images` runs that over every file in worker processes, with a progress bar.
@@ -277,9 +285,11 @@ def inspect_images(root:Path, # Folder the paths are relative to
                                 desc="validating", disable=not progress))
     return pd.DataFrame(results, index=pd.Index(paths, name="path")).reset_index()
 
+
 # %%
 facts = inspect_images(data_dir, files.path.tolist(), progress=False)
 facts[facts.reason.notna()][["path", "reason"]]
+
 
 # %% [markdown]
 # ## Duplicates
@@ -327,9 +337,11 @@ def duplicate_groups(sha256s:list[str], # One per image
         smallest[r] = min(smallest.get(r, s), s)
     return [smallest[_find(parent, i)][:16] for i in range(len(sha256s))]
 
+
 # %%
 groups = duplicate_groups(["aa", "bb", "aa", "cc"], ["0000000000000000", "00000000000000ff", "ffffffffffffffff", "0000000000000003"], max_distance=2)
 test_eq(groups, ["aa", "bb", "aa", "aa"])
+
 
 # %% [markdown]
 # ## Splitting
@@ -349,6 +361,7 @@ def split_of(group:str, seed:int=42, val_fraction:float=0.1, test_fraction:float
     if draw < test_fraction: return "test"
     if draw < test_fraction + val_fraction: return "val"
     return "train"
+
 
 # %%
 splits = pd.Series([split_of(f"{i:016x}") for i in range(20_000)]).value_counts(normalize=True)
@@ -388,6 +401,7 @@ def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -
     skipped = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
     return manifest, skipped
 
+
 # %%
 manifest, skipped = build_manifest(data_dir, progress=False)
 test_eq(manifest.groupby("sha256").split.nunique().max(), 1)
@@ -397,6 +411,7 @@ skipped
 
 # %%
 pd.crosstab(manifest.label, manifest.split, margins=True)
+
 
 # %% [markdown]
 # `write_prepared` saves both tables as CSV with fixed formatting, so the same input gives a
@@ -436,6 +451,7 @@ def load_prepared(out:Path, root:Path|None=None) -> PreparedData:
     manifest = pd.read_csv(out/"manifest.csv", dtype={"phash": str, "group": str, "sha256": str})
     return PreparedData(manifest, Path(root or info["root"]), info["version"])
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     prepared = write_prepared(tmp, manifest, skipped, data_dir)
@@ -444,6 +460,7 @@ with tempfile.TemporaryDirectory() as tmp:
     test_eq((Path(tmp)/"manifest.csv").read_bytes(), first)
     test_eq(load_prepared(tmp).version, prepared.version)
 prepared.version
+
 
 # %% [markdown]
 # ## Downloading PetImages
@@ -513,12 +530,14 @@ def resolve_data_dir(settings:Settings, progress:bool=True) -> Path:
     extracted = extract_zip(archive, settings.cache_dir/Path(name).stem)
     return extracted/"PetImages" if (extracted/"PetImages").is_dir() else extracted
 
+
 # %% [markdown]
 # The download is exercised against a local HTTP server in `tests/test_data.py` (this
 # notebook runs offline). With a `data_dir`, nothing is downloaded:
 
 # %%
 test_eq(resolve_data_dir(Settings(data_dir=data_dir)), data_dir)
+
 
 # %% [markdown]
 # ## `catsdogs_prepare`
@@ -547,6 +566,7 @@ def prepare_cli(argv:list[str]|None=None):
     print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")
     print(pd.crosstab(prepared.manifest.label, prepared.manifest.split, margins=True).to_string())
     if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
+
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -581,11 +601,13 @@ def train_transform(image_size:int=224, mean:tuple=IMAGENET_MEAN, std:tuple=IMAG
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std),
                       T.RandomErasing(p=0.25, scale=(0.02, 0.15))])
 
+
 # %%
 x = eval_transform()(load_image(data_dir/"Dog"/"dog.1.jpg", draft_size=decode_size()))
 test_eq((x.shape, x.dtype), ((3, 224, 224), torch.float32))
 test_eq(train_transform(160)(img).shape, (3, 160, 160))
 test_eq(decode_size(224, 0.875), 256)
+
 
 # %% [markdown]
 # ## `ImageDataset`
@@ -604,6 +626,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.transform(load_image(self.paths[i], self.draft_size)), self.targets[i]
+
 
 # %%
 ds = ImageDataset(prepared.split("train"), prepared.root, eval_transform(), draft_size=decode_size())

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Bring notebook pairs and the package in line after editing either side of a pair:
-# jupytext sync (newer side wins) -> nbdev_clean -> nbdev_export.
+# After editing either side of a pair in nbs/: jupytext sync (the newer side wins), rewrite
+# each .py canonically from its .ipynb, strip notebook noise, and export the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-jupytext --sync --quiet nbs/*.ipynb nbs/*.py 2>/dev/null || jupytext --sync --quiet nbs/*.py
+shopt -s nullglob
+for py in nbs/*.py; do jupytext --sync --quiet "$py"; done
 nbdev_clean
+for nb in nbs/*.ipynb; do (cd nbs && jupytext --quiet --to py:percent "$(basename "$nb")"); done
 nbdev_export
+python scripts/check_pairs.py

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent setup: system packages (Chromium for the browser test), a virtual
+# environment in .venv, and catsdogs installed in it (editable, with the dev extras).
+# Usage: bash scripts/setup.sh            (sourcing it also activates the venv)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+need_apt=()
+
+command -v chromium >/dev/null || need_apt+=(chromium)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then
+    echo "setup: installing ${need_apt[*]}"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install ${need_apt[*]} (Chromium runs the browser test)" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+stamp=.venv/.catsdogs-installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ settings.ini -nt "$stamp" ]; then
+  python -m pip install -q --upgrade pip setuptools wheel
+  python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi

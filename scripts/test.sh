@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's test command (README, and CI through .ci/run): set up, then prove that the
+# notebook pairs, the package and the notebooks agree, that every notebook runs, and the tests pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+echo "== 1/4 notebook pairs (.ipynb <-> percent .py) in sync"
+python scripts/check_pairs.py
+
+echo "== 2/4 package is what nbdev_export makes from the notebooks"
+nbdev_clean
+nbdev_export
+if [ -n "$(git status --porcelain -- catsdogs nbs)" ]; then
+  git status --porcelain -- catsdogs nbs
+  git --no-pager diff --stat -- catsdogs nbs
+  echo "FAIL: run scripts/sync_notebooks.sh and commit the result" >&2
+  exit 1
+fi
+
+echo "== 3/4 every notebook runs top to bottom (nbdev_test)"
+nbdev_test --n_workers 2
+
+echo "== 4/4 tests"
+python -m pytest tests "$@"
