@@ -1,0 +1,652 @@
+# %%
+#| default_exp training
+
+# %% [markdown]
+# # Training
+#
+# > Two-stage transfer learning with early stopping, temperature calibration, evaluation figures, MLflow tracking, resumable checkpoints and DDP.
+
+# %% [markdown]
+# `catsdogs_train` runs, in order:
+#
+# 1. **data**: an existing prepared manifest (`--prepared DIR`) or `catsdogs_prepare` on `--data-dir`;
+# 2. **frozen stage** (`--freeze-epochs`): the head alone on a frozen backbone. On a CPU the
+#    backbone features are computed once and the head trains on them, which costs one pass
+#    over the data instead of one per epoch;
+# 3. **fine-tuning**: the whole network, the backbone at `--backbone-lr`; AdamW, cosine schedule
+#    with warm-up, label smoothing, augmentation; on CUDA with AMP, `channels_last` and pinned memory;
+# 4. **early stopping** on validation loss, keeping the best weights, with a checkpoint every
+#    epoch so `--resume` ends exactly where an uninterrupted run would;
+# 5. **calibration and evaluation**: temperature scaling on val, metrics and figures on test;
+# 6. **artifact**: weights, `model_config.json`, TorchScript and ONNX (checked against eager),
+#    all logged to MLflow with the dataset manifest, and the model registered.
+#
+# The loop follows torchvision's classification reference: `train_one_epoch`, `evaluate`,
+# data loading and a thin `main` (`train`).
+
+# %%
+#| export
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
+
+from catsdogs.config import Settings, parse_settings, settings_parser
+from catsdogs.data import (ImageDataset, PreparedData, decode_size, eval_transform, find_images, load_image,
+                           load_prepared, prepare, train_transform)
+from catsdogs.model import CatsDogsNet, ModelConfig, build_model, export_artifact, get_backbone, load_model
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail, test_close
+import tempfile
+from catsdogs.data import demo_data_dir
+
+
+# %% [markdown]
+# ## Devices, seeds and processes
+
+# %%
+#| export
+def resolve_device(name:str="auto") -> torch.device:
+    "`auto` picks CUDA when present; under torchrun each process takes its `LOCAL_RANK` GPU."
+    if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ: name = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available(): raise RuntimeError("--device cuda asked for, but CUDA is not available")
+    return device
+
+def seed_everything(seed:int):
+    "Seed Python, NumPy and PyTorch (all devices)."
+    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+def init_distributed(device:torch.device) -> tuple[int, int]:
+    "Join the torchrun process group when launched by torchrun; returns `(rank, world_size)`."
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda": torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# %%
+test_eq(resolve_device("cpu").type, "cpu")
+test_eq(init_distributed(torch.device("cpu")), (0, 1))
+
+
+# %% [markdown]
+# ## Data loaders
+#
+# Each epoch reseeds from `seed` and the epoch number alone, so shuffling, augmentation and
+# dropout of epoch *k* are the same whether or not the run was interrupted before it.
+
+# %%
+#| export
+def epoch_seed(seed:int, epoch:int) -> int: return seed * 1000 + epoch
+
+def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
+                train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:
+    "A loader over manifest rows: shuffled and sharded across processes for training, in order otherwise."
+    ds = ImageDataset(rows, root, transform, settings.class_names, draft_size=decode_size(settings.image_size, settings.crop_fraction))
+    generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
+    sampler = None
+    if train and world_size > 1:
+        sampler = DistributedSampler(ds, shuffle=True, seed=settings.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    workers = settings.num_workers or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    return DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
+                      drop_last=train and len(ds) > settings.batch_size, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+# %% [markdown]
+# ## One epoch, and evaluation
+
+# %%
+#| export
+def warmup_cosine(optimizer:torch.optim.Optimizer, total_steps:int, warmup_steps:int) -> torch.optim.lr_scheduler.LambdaLR:
+    "Linear warm-up to each group's learning rate, then cosine decay to zero."
+    def factor(step):
+        if step < warmup_steps: return (step + 1) / (warmup_steps + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def _autocast(device:torch.device):
+    "bfloat16 autocast on CUDA, a no-op on CPU."
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+def _to_device(x:torch.Tensor, device:torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+def train_one_epoch(model:nn.Module, loader, criterion, optimizer, scheduler, device:torch.device,
+                    desc:str="train", progress:bool=True) -> float:
+    "One pass over `loader`, stepping the scheduler every batch; returns the mean training loss."
+    model.train()
+    total, count = 0.0, 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
+        with _autocast(device): loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step(); scheduler.step()
+        total += loss.item() * len(y); count += len(y)
+    return total / max(count, 1)
+
+@torch.no_grad()
+def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=False, desc:str="eval") -> tuple[torch.Tensor, torch.Tensor]:
+    "Logits (float32, CPU) and targets for every batch of `loader`, in order."
+    model.eval()
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        with _autocast(device): logits.append(model(_to_device(x, device)).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
+# %%
+#| export
+def evaluate(model:nn.Module, loader, device:torch.device, progress:bool=False) -> dict:
+    "Mean cross-entropy (no smoothing) and accuracy on `loader`."
+    logits, targets = predict_logits(model, loader, device, progress)
+    return {"loss": nn.functional.cross_entropy(logits, targets).item(),
+            "accuracy": (logits.argmax(1) == targets).float().mean().item()}
+
+
+# %% [markdown]
+# ## The frozen stage on cached features
+#
+# With the backbone frozen, its output for an image never changes, so on a CPU the stage
+# computes it once (with the eval preprocessing) and trains the head on those vectors.
+
+# %%
+#| export
+@torch.no_grad()
+def extract_features(backbone:nn.Module, loader, device:torch.device, progress:bool=True) -> TensorDataset:
+    "Backbone features and targets of every image in `loader`, as a CPU `TensorDataset`."
+    backbone.eval()
+    feats, targets = [], []
+    for x, y in tqdm(loader, desc="features", leave=False, disable=not progress):
+        with _autocast(device): feats.append(backbone(_to_device(x, device)).float().cpu())
+        targets.append(y)
+    return TensorDataset(torch.cat(feats), torch.cat(targets))
+
+
+# %% [markdown]
+# ## Calibration and metrics
+#
+# A network trained with label smoothing is under-confident, one trained without it
+# over-confident. Temperature scaling divides the logits by one number `T`, fitted on the
+# validation split to minimise log loss; accuracy is unchanged, the probabilities become honest.
+
+# %%
+#| export
+def fit_temperature(logits:torch.Tensor, targets:torch.Tensor, max_iter:int=100) -> float:
+    "The temperature minimising validation log loss of `softmax(logits / T)`."
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter)
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float(log_t.exp().clamp(0.05, 20).item())
+
+def expected_calibration_error(probs:np.ndarray, targets:np.ndarray, n_bins:int=15) -> float:
+    "ECE: the confidence-weighted gap between confidence and accuracy, over equal-width bins."
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any(): ece += in_bin.mean() * abs((predicted[in_bin] == targets[in_bin]).mean() - confidence[in_bin].mean())
+    return float(ece)
+
+def classification_metrics(probs:np.ndarray, targets:np.ndarray) -> dict:
+    "Accuracy, precision/recall/F1 of `dog`, ROC AUC, log loss, ECE and the confusion matrix."
+    from sklearn import metrics as skm
+    predicted = probs.argmax(1)
+    out = {"accuracy": skm.accuracy_score(targets, predicted),
+           "precision": skm.precision_score(targets, predicted, zero_division=0),
+           "recall": skm.recall_score(targets, predicted, zero_division=0),
+           "f1": skm.f1_score(targets, predicted, zero_division=0),
+           "roc_auc": skm.roc_auc_score(targets, probs[:, 1]) if len(set(targets)) == 2 else float("nan"),
+           "log_loss": skm.log_loss(targets, np.clip(probs, 1e-7, 1), labels=[0, 1]),
+           "ece": expected_calibration_error(probs, targets),
+           "n_images": int(len(targets))}
+    out = {k: float(v) if k != "n_images" else v for k, v in out.items()}
+    out["confusion_matrix"] = skm.confusion_matrix(targets, predicted, labels=[0, 1]).tolist()
+    return out
+
+
+# %%
+logits = torch.tensor([[4.0, -4.0], [-3.0, 3.0], [2.0, -2.0], [-5.0, 5.0]]); targets = torch.tensor([0, 1, 1, 1])
+t = fit_temperature(logits, targets)
+assert t > 1, "one confident mistake: the fitted temperature softens the logits"
+m = classification_metrics(torch.softmax(logits / t, 1).numpy(), targets.numpy())
+test_eq((m["accuracy"], m["confusion_matrix"]), (0.75, [[1, 0], [1, 2]]))
+test_close(expected_calibration_error(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1])), 0.15)
+m
+
+
+# %% [markdown]
+# ## Figures
+#
+# Training curves, confusion matrix, ROC, reliability diagram and the worst mistakes are
+# written as PNGs to `<output>/figures` and logged to MLflow.
+
+# %%
+#| export
+def save_figures(out:Path, history:list[dict], probs:np.ndarray, targets:np.ndarray, paths:list[Path],
+                 class_names:tuple=("cat", "dog"), n_worst:int=12) -> list[Path]:
+    "Write the evaluation figures to `out`; returns their paths."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    written = []
+    def save(fig, name):
+        fig.tight_layout(); fig.savefig(out/name, dpi=90); plt.close(fig); written.append(out/name)
+    hist = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for col in ("train_loss", "val_loss"):
+        if col in hist: axes[0].plot(hist.epoch, hist[col], marker="o", label=col)
+    axes[0].set(xlabel="epoch", title="loss"); axes[0].legend()
+    if "val_accuracy" in hist: axes[1].plot(hist.epoch, hist.val_accuracy, marker="o")
+    axes[1].set(xlabel="epoch", title="validation accuracy")
+    save(fig, "training_curves.png")
+    predicted = probs.argmax(1)
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ConfusionMatrixDisplay.from_predictions(targets, predicted, labels=[0, 1], display_labels=class_names, ax=ax, colorbar=False)
+    save(fig, "confusion_matrix.png")
+    if len(set(targets)) == 2:
+        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        RocCurveDisplay.from_predictions(targets, probs[:, 1], ax=ax, name=class_names[1])
+        save(fig, "roc.png")
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    confidence = probs.max(1); bins = np.linspace(0.5, 1, 6)
+    idx = np.clip(np.digitize(confidence, bins) - 1, 0, len(bins) - 2)
+    acc = [(predicted[idx == b] == targets[idx == b]).mean() if (idx == b).any() else np.nan for b in range(len(bins) - 1)]
+    ax.bar(bins[:-1], acc, width=0.1, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0.5, 1], [0.5, 1], "k--", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability", ylim=(0, 1.02)); ax.legend()
+    save(fig, "reliability.png")
+    true_prob = probs[np.arange(len(targets)), targets]
+    worst = np.argsort(true_prob)[:n_worst]
+    fig, axes = plt.subplots(2, (len(worst) + 1) // 2 or 1, figsize=(12, 4.6), squeeze=False)
+    for ax in axes.flat: ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        ax.imshow(load_image(paths[i], draft_size=256))
+        ax.set_title(f"{Path(paths[i]).name}\ntrue {class_names[targets[i]]}, P={true_prob[i]:.2f}", fontsize=8)
+    save(fig, "worst_mistakes.png")
+    return written
+
+
+# %% [markdown]
+# ## Checkpoints
+#
+# `last.pt` is written after every epoch with everything needed to continue: weights, the
+# optimizer and scheduler of the current stage, the best weights so far, the early-stopping
+# counter, the history and the MLflow run id.
+
+# %%
+#| export
+def save_checkpoint(path:Path, **state):
+    "Write `state` atomically (to a temporary file, then rename)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp); tmp.replace(path)
+
+def load_checkpoint(path:Path) -> dict:
+    "Read a checkpoint written by `save_checkpoint`."
+    if not Path(path).exists(): raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# %% [markdown]
+# ## MLflow
+
+# %%
+#| export
+class Tracker:
+    "MLflow logging for one run (or nothing, with `enabled=False`); resumes a run by id."
+    def __init__(self, settings:Settings, enabled:bool=True, run_id:str|None=None):
+        self.enabled, self.settings, self.run = enabled, settings, None
+        if not enabled: return
+        import mlflow
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        mlflow.set_experiment(settings.experiment_name)
+        self.run = mlflow.start_run(run_id=run_id)
+
+    @property
+    def run_id(self) -> str|None: return self.run.info.run_id if self.run else None
+
+    def log_params(self, params:dict):
+        if self.enabled: self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def log_metrics(self, metrics:dict, step:int|None=None):
+        if self.enabled: self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_dataset(self, prepared:PreparedData):
+        "The manifest as an MLflow dataset input whose digest is the dataset version."
+        if not self.enabled: return
+        ds = self.mlflow.data.from_pandas(prepared.manifest, source=str(prepared.root), name="catsdogs-manifest",
+                                          targets="label", digest=prepared.version[:32])
+        self.mlflow.log_input(ds, context="training")
+        self.mlflow.set_tag("dataset_version", prepared.version)
+
+    def log_artifacts(self, folder:Path, artifact_path:str):
+        if self.enabled: self.mlflow.log_artifacts(str(folder), artifact_path)
+
+    def log_model(self, model:nn.Module, example:torch.Tensor):
+        "Log the PyTorch model and register it in the Model Registry."
+        if not self.enabled: return
+        from catsdogs import __version__
+        self.mlflow.pytorch.log_model(model, name="model", registered_model_name=self.settings.registered_model_name,
+                                      input_example=example.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", f"catsdogs=={__version__}"])
+
+    def end(self, status:str="FINISHED"):
+        if self.enabled and self.run: self.mlflow.end_run(status)
+
+
+# %% [markdown]
+# ## `train`
+
+# %%
+#| export
+@dataclass
+class TrainResult:
+    "What `train` returns: the artifact folder, its config (with test metrics) and the MLflow run id."
+    output: Path
+    config: ModelConfig
+    run_id: str|None = None
+    history: list = field(default_factory=list)
+    stopped_early: bool = False
+
+def _quick_rows(rows:pd.DataFrame, per_class:int, seed:int) -> pd.DataFrame:
+    "At most `per_class` rows of each label, drawn with `seed`."
+    return rows.sample(frac=1, random_state=seed).groupby("label").head(per_class).sort_values("path").reset_index(drop=True)
+
+def _param_checksum(model:nn.Module) -> str:
+    digest = hashlib.sha256()
+    for t in model.state_dict().values(): digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# %%
+#| export
+def train(settings:Settings|None=None, # All hyper-parameters and paths
+          prepared:PreparedData|None=None, # A prepared manifest; None: prepare `settings.data_dir`
+          quick:bool=False, # Tiny run for smoke tests: few images, small inputs, 2 epochs
+          resume:bool=False, # Continue from `<output>/checkpoints/last.pt`
+          mlflow:bool=True, # Track the run in MLflow
+          stop_after_epochs:int|None=None, # Stop (as if interrupted) after this many epochs in total
+          progress:bool=True) -> TrainResult|None:
+    "Train, calibrate, evaluate and export a model; returns `None` if stopped early on purpose."
+    settings = settings or Settings()
+    if quick: settings = settings.model_copy(update={"epochs": min(settings.epochs, 2), "freeze_epochs": min(settings.freeze_epochs, 1)})
+    device = resolve_device(settings.device)
+    rank, world_size = init_distributed(device)
+    main = rank == 0
+    out = Path(settings.output); ckpt_path = out/"checkpoints"/"last.pt"
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if prepared is None:
+        prepared_dir = out/"data"
+        if main: prepare(settings, prepared_dir, progress=progress)
+        if world_size > 1: dist.barrier()
+        prepared = load_prepared(prepared_dir)
+    if ckpt and ckpt["dataset_version"] != prepared.version:
+        raise ValueError("the checkpoint was trained on another dataset version; resume with the same data")
+    rows = {s: prepared.split(s) for s in ("train", "val", "test")}
+    if quick: rows = {s: _quick_rows(r, 24 if s == "train" else 8, settings.seed) for s, r in rows.items()}
+    for s, r in rows.items():
+        if r.empty: raise ValueError(f"the {s} split is empty: more images are needed")
+    spec = get_backbone(settings.architecture)
+    seed_everything(settings.seed)
+    model = build_model(settings.architecture, pretrained=not ckpt and spec.weights.startswith("ImageNet")).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
+    tf_train = train_transform(settings.image_size, spec.mean, spec.std)
+    val_loader = make_loader(rows["val"], prepared.root, tf_eval, settings, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    tracker = Tracker(settings, enabled=mlflow and main, run_id=ckpt["run_id"] if ckpt else None)
+    if main and not ckpt:
+        tracker.log_params({**settings.model_dump(mode="json"), "world_size": world_size, "quick": quick,
+                            "dataset_version": prepared.version, "device": str(device)})
+        tracker.log_dataset(prepared)
+    history = ckpt["history"] if ckpt else []
+    best_loss = ckpt["best_loss"] if ckpt else float("inf")
+    best_state = ckpt["best_state"] if ckpt else None
+    bad_epochs = ckpt["bad_epochs"] if ckpt else 0
+    start = ckpt["epoch"] if ckpt else 0
+    if ckpt: model.load_state_dict(ckpt["model"])
+    cache_features = device.type == "cpu" and world_size == 1 and settings.freeze_epochs > start
+    if cache_features:
+        train_feats = extract_features(model.backbone, make_loader(rows["train"], prepared.root, tf_eval, settings, device), device, progress)
+        val_feats = extract_features(model.backbone, val_loader, device, progress)
+    ddp_model = model
+    stage, optimizer, scheduler = None, None, None
+    stopped_early = False
+    for epoch in range(start, settings.epochs):
+        frozen = epoch < settings.freeze_epochs
+        if stage != frozen:  # a new stage: fresh optimizer and schedule
+            stage = frozen
+            for p in model.backbone.parameters(): p.requires_grad_(not frozen)
+            n_train = len(rows["train"]) // world_size
+            steps = max(1, n_train // settings.batch_size) if n_train > settings.batch_size else 1
+            stage_epochs = settings.freeze_epochs if frozen else settings.epochs - settings.freeze_epochs
+            groups = [{"params": list(model.head.parameters()), "lr": settings.lr}]
+            if not frozen: groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})
+            optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+            scheduler = warmup_cosine(optimizer, steps * stage_epochs, int(steps * settings.warmup_epochs))
+            if ckpt and ckpt["frozen"] == frozen and ckpt["optimizer"] is not None:
+                optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"])
+            if world_size > 1:  # wrap after (un)freezing: DDP syncs the parameters that need gradients
+                ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        seed_everything(epoch_seed(settings.seed, epoch))
+        t0 = time.time()
+        if frozen and cache_features:
+            gen = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
+            loader = DataLoader(train_feats, settings.batch_size, shuffle=True, generator=gen, drop_last=len(train_feats) > settings.batch_size)
+            train_loss = train_one_epoch(model.head, loader, criterion, optimizer, scheduler, device, f"epoch {epoch + 1} head", progress)
+            val = evaluate(model.head, DataLoader(val_feats, 256), device)
+            n_seen = len(train_feats)
+        else:
+            loader = make_loader(rows["train"], prepared.root, tf_train, settings, device, train=True, epoch=epoch, world_size=world_size)
+            if frozen: model.backbone.eval()  # frozen BatchNorm statistics stay as pretrained
+            train_loss = train_one_epoch(ddp_model, loader, criterion, optimizer, scheduler, device,
+                                         f"epoch {epoch + 1} {'head' if frozen else 'all'}", progress)
+            val = evaluate(model, val_loader, device)
+            n_seen = len(loader.dataset) // world_size
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "stage": "frozen" if frozen else "finetune", "train_loss": train_loss,
+                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": seconds, "images_per_s": n_seen / seconds}
+        history.append(record)
+        improved = val["loss"] < best_loss - 1e-4
+        if improved: best_loss, best_state, bad_epochs = val["loss"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
+        else: bad_epochs += 1
+        if main:
+            print(f"epoch {epoch + 1}/{settings.epochs} [{record['stage']}] train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
+                  f"val_acc {val['accuracy']:.4f} {seconds:.0f}s ({record['images_per_s']:.1f} img/s){' *' if improved else ''}", flush=True)
+            tracker.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step=epoch + 1)
+            save_checkpoint(ckpt_path, epoch=epoch + 1, frozen=frozen, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), best_state=best_state, best_loss=best_loss, bad_epochs=bad_epochs,
+                            history=history, run_id=tracker.run_id, dataset_version=prepared.version,
+                            settings=settings.model_dump(mode="json"))
+        if world_size > 1: dist.barrier()
+        if bad_epochs >= settings.patience:
+            stopped_early = True
+            if main: print(f"early stop: no better validation loss for {bad_epochs} epochs")
+            break
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < settings.epochs:
+            if main: print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            tracker.end("KILLED")
+            return None
+    model.load_state_dict(best_state)
+    result = None
+    if world_size > 1:
+        sums = [None] * world_size
+        dist.all_gather_object(sums, _param_checksum(model))
+        if main: (out/"ddp_check.json").parent.mkdir(parents=True, exist_ok=True); (out/"ddp_check.json").write_text(
+            json.dumps({"world_size": world_size, "param_checksums": sums, "agree": len(set(sums)) == 1}))
+    if main: result = _finish(model, settings, prepared, rows, device, history, tracker, stopped_early, progress)
+    if world_size > 1: dist.barrier(); dist.destroy_process_group()
+    return result
+
+
+# %% [markdown]
+# `_finish` is what the main process does with the best weights: temperature on val, metrics
+# and figures on test, the artifact, and the MLflow records.
+
+# %%
+#| export
+def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:dict, device:torch.device,
+            history:list, tracker:Tracker, stopped_early:bool, progress:bool) -> TrainResult:
+    spec = get_backbone(settings.architecture)
+    tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
+    val_logits, val_targets = predict_logits(model, make_loader(rows["val"], prepared.root, tf_eval, settings, device), device, progress, "val")
+    temperature = fit_temperature(val_logits, val_targets)
+    test_loader = make_loader(rows["test"], prepared.root, tf_eval, settings, device)
+    test_logits, test_targets = predict_logits(model, test_loader, device, progress, "test")
+    probs = torch.softmax(test_logits / temperature, 1).numpy()
+    metrics = classification_metrics(probs, test_targets.numpy())
+    metrics["uncalibrated_log_loss"] = nn.functional.cross_entropy(test_logits, test_targets).item()
+    out = Path(settings.output)
+    figures = save_figures(out/"figures", history, probs, test_targets.numpy(), test_loader.dataset.paths, settings.class_names)
+    config = ModelConfig.for_backbone(settings.architecture, image_size=settings.image_size, crop_fraction=settings.crop_fraction,
+                                      class_names=tuple(settings.class_names), temperature=temperature,
+                                      dataset_version=prepared.version, metrics=metrics)
+    example = next(iter(test_loader))[0][:2]
+    export_artifact(model, out, config, example=example)
+    print("test: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" (n={metrics['n_images']}, T={temperature:.3f})")
+    tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    tracker.log_metrics({"temperature": temperature})
+    if tracker.enabled:
+        tracker.log_artifacts(out/"figures", "figures")
+        for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"): tracker.mlflow.log_artifact(str(out/name), "artifact")
+        tracker.log_model(model.cpu().eval(), example)
+        (out/"mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": settings.mlflow_tracking_uri}) + "\n")
+    tracker.end()
+    return TrainResult(out, config, tracker.run_id, history, stopped_early)
+
+
+# %% [markdown]
+# A quick run on the demo data with a real MLflow store in a temporary folder. (`--quick`
+# trains on a few images at 96 px: it proves the pipeline, not the accuracy.)
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+settings = Settings(data_dir=demo_data_dir(), output=tmp/"model", image_size=96, batch_size=16,
+                    mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db", num_workers=1)
+result = train(settings, quick=True, progress=False)
+test_eq(sorted(p.name for p in result.output.glob("model*")), ["model.onnx", "model.ts", "model_config.json"])
+test_eq(len(result.history), 2)
+
+# %% [markdown]
+# Everything is in the MLflow store: parameters, per-epoch metrics, the dataset input with its
+# version, the figures, the artifact and a registered model version.
+
+# %%
+import mlflow
+client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+run = client.get_run(result.run_id)
+test_eq(run.data.params["architecture"], "efficientnet_lite0")
+test_eq(len(client.get_metric_history(result.run_id, "val_loss")), 2)
+test_eq(run.inputs.dataset_inputs[0].dataset.digest, result.config.dataset_version[:32])
+test_eq(client.get_registered_model("catsdogs").name, "catsdogs")
+sorted(a.path for a in client.list_artifacts(result.run_id))
+
+
+# %% [markdown]
+# ## Evaluating an artifact on any folder
+
+# %%
+#| export
+def evaluate_folder(model_dir:Path, # A model artifact
+                    data_dir:Path, # One subfolder per class (or Kaggle-style names)
+                    batch_size:int=32, progress:bool=True) -> dict:
+    "Metrics of an artifact on every readable image under `data_dir`; unreadable files are counted, not fatal."
+    model, config = load_model(model_dir)
+    model = model.to(memory_format=torch.channels_last)
+    files = find_images(data_dir, tuple(config.class_names))
+    files = files[files.label.notna()]
+    tf = eval_transform(config.image_size, config.crop_fraction, config.mean, config.std)
+    draft = decode_size(config.image_size, config.crop_fraction)
+    tensors, targets, skipped = [], [], 0
+    logits = []
+    for path, label in tqdm(list(zip(files.path, files.label)), desc="evaluating", disable=not progress):
+        try: tensors.append(tf(load_image(Path(data_dir)/path, draft_size=draft)))
+        except ValueError: skipped += 1; continue
+        targets.append(config.class_names.index(label))
+        if len(tensors) == batch_size:
+            with torch.no_grad(): logits.append(model(torch.stack(tensors).contiguous(memory_format=torch.channels_last)))
+            tensors = []
+    if tensors:
+        with torch.no_grad(): logits.append(model(torch.stack(tensors).contiguous(memory_format=torch.channels_last)))
+    if not targets: raise ValueError(f"no readable labelled images under {data_dir}")
+    probs = torch.softmax(torch.cat(logits) / config.temperature, 1).numpy()
+    metrics = classification_metrics(probs, np.array(targets))
+    metrics["n_skipped"] = skipped
+    return metrics
+
+def eval_cli(argv:list[str]|None=None):
+    "Console script `catsdogs_eval`: metrics of a model artifact on a labelled folder."
+    import argparse
+    parser = argparse.ArgumentParser(description="Evaluate a model artifact on a folder with one subfolder per class.")
+    parser.add_argument("--model", type=Path, default=Settings().model_dir, help="Model artifact directory")
+    parser.add_argument("--data-dir", type=Path, required=True, help="Folder of labelled images")
+    parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass")
+    parser.add_argument("--json", action="store_true", help="End with one line of JSON holding every metric")
+    args = parser.parse_args(argv)
+    metrics = evaluate_folder(args.model, args.data_dir, args.batch_size, progress=not args.json)
+    print(f"{metrics['n_images']} images evaluated, {metrics['n_skipped']} unreadable skipped")
+    for k, v in metrics.items():
+        if isinstance(v, float): print(f"{k:>10}: {v:.4f}")
+    print(f"confusion matrix (rows true cat/dog): {metrics['confusion_matrix']}")
+    if args.json: print(json.dumps(metrics))
+
+
+# %%
+metrics = evaluate_folder(result.output, demo_data_dir(), progress=False)
+assert metrics["n_images"] > 20 and metrics["n_skipped"] >= 1
+{k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "n_skipped")}
+
+# %% [markdown]
+# ## `catsdogs_train`
+
+# %%
+#| export
+_TRAIN_FLAGS = ["data_dir", "architecture", "epochs", "freeze_epochs", "batch_size", "lr", "backbone_lr", "weight_decay",
+                "label_smoothing", "image_size", "device", "seed", "output", "num_workers", "patience",
+                "mlflow_tracking_uri", "experiment_name"]
+
+def train_cli(argv:list[str]|None=None):
+    "Console script `catsdogs_train` (also under `torchrun --no-python catsdogs_train ...` for DDP)."
+    parser = settings_parser("Train the cats-vs-dogs classifier and write a model artifact.", _TRAIN_FLAGS)
+    parser.add_argument("--prepared", type=Path, help="A folder written by catsdogs_prepare (default: prepare --data-dir into OUTPUT/data)")
+    parser.add_argument("--resume", action="store_true", help="Continue from OUTPUT/checkpoints/last.pt, in the same MLflow run")
+    parser.add_argument("--quick", action="store_true", help="Tiny smoke-test run: a few images, at most 2 epochs")
+    parser.add_argument("--no-mlflow", action="store_true", help="Do not track the run in MLflow")
+    parser.add_argument("--stop-after-epochs", type=int, help="Stop after this many epochs, as if interrupted (then --resume)")
+    settings, args = parse_settings(parser, argv)
+    if args.quick and "--image-size" not in (argv or __import__("sys").argv): settings.image_size = 96
+    prepared = load_prepared(args.prepared) if args.prepared else None
+    result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
+                   stop_after_epochs=args.stop_after_epochs)
+    if result: print(f"model artifact: {result.output}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
