@@ -39,6 +39,7 @@ from catsdogs.data import IMAGENET_MEAN, IMAGENET_STD
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
+import tempfile
 
 
 # %% [markdown]
@@ -292,7 +293,6 @@ def load_model(path:Path, device:str="cpu") -> tuple[CatsDogsNet, ModelConfig]:
 
 
 # %%
-import tempfile
 with tempfile.TemporaryDirectory() as tmp:
     config = ModelConfig.for_backbone("small_cnn", image_size=64)
     export_artifact(build_model("small_cnn", pretrained=False), tmp, config)

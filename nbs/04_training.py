@@ -54,6 +54,7 @@ from catsdogs.model import CatsDogsNet, ModelConfig, build_model, export_artifac
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 import tempfile
+import mlflow
 from catsdogs.data import demo_data_dir
 
 
@@ -108,8 +109,9 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
         sampler = DistributedSampler(ds, shuffle=True, seed=settings.seed, drop_last=True)
         sampler.set_epoch(epoch)
     workers = settings.num_workers or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    per_process = len(sampler) if sampler is not None else len(ds)
     return DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
-                      drop_last=train and len(ds) > settings.batch_size, num_workers=workers,
+                      drop_last=train and per_process > settings.batch_size, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
@@ -323,6 +325,11 @@ def load_checkpoint(path:Path) -> dict:
 
 # %%
 #| export
+def _artifact_location(tracking_uri:str) -> str|None:
+    "Artifacts of a local SQLite store go beside the database (`mlartifacts/`), not into the working directory."
+    if not tracking_uri.startswith("sqlite:///"): return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent/"mlartifacts").as_uri()
+
 class Tracker:
     "MLflow logging for one run (or nothing, with `enabled=False`); resumes a run by id."
     def __init__(self, settings:Settings, enabled:bool=True, run_id:str|None=None):
@@ -331,6 +338,8 @@ class Tracker:
         import mlflow
         self.mlflow = mlflow
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        if mlflow.get_experiment_by_name(settings.experiment_name) is None:
+            mlflow.create_experiment(settings.experiment_name, artifact_location=_artifact_location(settings.mlflow_tracking_uri))
         mlflow.set_experiment(settings.experiment_name)
         self.run = mlflow.start_run(run_id=run_id)
 
@@ -384,9 +393,14 @@ def _quick_rows(rows:pd.DataFrame, per_class:int, seed:int) -> pd.DataFrame:
     return rows.sample(frac=1, random_state=seed).groupby("label").head(per_class).sort_values("path").reset_index(drop=True)
 
 def _param_checksum(model:nn.Module) -> str:
+    "A short digest of every parameter: equal on all DDP processes when their gradients were synchronised."
     digest = hashlib.sha256()
-    for t in model.state_dict().values(): digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for p in model.parameters(): digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+def _sync_buffers(model:nn.Module):
+    "Give every process rank 0's BatchNorm statistics (DDP syncs them only at the start of a forward)."
+    for buffer in model.buffers(): dist.broadcast(buffer, 0)
 
 
 # %%
@@ -472,6 +486,7 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
             if frozen: model.backbone.eval()  # frozen BatchNorm statistics stay as pretrained
             train_loss = train_one_epoch(ddp_model, loader, criterion, optimizer, scheduler, device,
                                          f"epoch {epoch + 1} {'head' if frozen else 'all'}", progress)
+            if world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
             val = evaluate(model, val_loader, device)
             n_seen = len(loader.dataset) // world_size
         seconds = time.time() - t0
@@ -563,7 +578,6 @@ test_eq(len(result.history), 2)
 # version, the figures, the artifact and a registered model version.
 
 # %%
-import mlflow
 client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
 run = client.get_run(result.run_id)
 test_eq(run.data.params["architecture"], "efficientnet_lite0")

@@ -9,3 +9,4 @@ nbdev_clean
 for nb in nbs/*.ipynb; do (cd nbs && jupytext --quiet --to py:percent "$(basename "$nb")"); done
 nbdev_export
 python scripts/check_pairs.py
+python scripts/make_readme.py

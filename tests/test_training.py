@@ -1,0 +1,131 @@
+"""Training end to end on real JPEGs: the console scripts, a real MLflow store, exports that
+match eager, exact resume, DDP with two gloo processes, and the offline weight paths."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from catsdogs.data import decode_size, eval_transform, load_image
+from catsdogs.model import build_model, load_model
+
+
+def run(*cmd, env=None, timeout=600):
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(small_sample_dir, tmp_path_factory):
+    "A --quick model trained by the console script, tracked in a fresh SQLite MLflow store."
+    tmp = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    result = run("catsdogs_train", "--data-dir", str(small_sample_dir), "--output", str(tmp / "model"), "--quick",
+                 "--mlflow-tracking-uri", uri, "--num-workers", "1", env={"MLFLOW_TRACKING_URI": ""})
+    return tmp / "model", uri, result.stdout
+
+
+def test_artifact_and_config(trained):
+    model_dir, _, stdout = trained
+    for name in ("weights.pt", "model_config.json", "model.ts", "model.onnx", "figures/confusion_matrix.png",
+                 "figures/roc.png", "figures/reliability.png", "figures/training_curves.png", "figures/worst_mistakes.png"):
+        assert (model_dir / name).exists(), name
+    config = json.loads((model_dir / "model_config.json").read_text())
+    assert config["architecture"] == "efficientnet_lite0" and config["class_names"] == ["cat", "dog"]
+    assert config["image_size"] == 96 and config["temperature"] > 0 and len(config["dataset_version"]) == 64
+    assert {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece", "confusion_matrix"} <= set(config["metrics"])
+    assert config["code_version"]
+    assert "epoch 1/2 [frozen]" in stdout and "epoch 2/2 [finetune]" in stdout
+
+
+def test_mlflow_run_is_complete(trained):
+    model_dir, uri, _ = trained
+    run_id = json.loads((model_dir / "mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(uri)
+    run_ = client.get_run(run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["epochs"] == "2" and run_.data.params["quick"] == "True"
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2
+    assert "test_accuracy" in run_.data.metrics and "temperature" in run_.data.metrics
+    dataset = run_.inputs.dataset_inputs[0].dataset
+    config = json.loads((model_dir / "model_config.json").read_text())
+    assert dataset.name == "catsdogs-manifest" and dataset.digest == config["dataset_version"][:32]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"figures", "artifact"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "artifact")} >= {"artifact/model.onnx", "artifact/model_config.json"}
+    versions = client.search_model_versions("name='catsdogs'")
+    assert any(v.run_id == run_id for v in versions)
+
+
+def test_exports_match_eager_on_real_images(trained, sample_dir):
+    model_dir, _, _ = trained
+    model, config = load_model(model_dir)
+    tf = eval_transform(config.image_size, config.crop_fraction, config.mean, config.std)
+    paths = sorted((sample_dir / "Cat").glob("cat.*.jpg"))[:4] + sorted((sample_dir / "Dog").glob("dog.*.jpg"))[:4]
+    x = torch.stack([tf(load_image(p, draft_size=decode_size(config.image_size, config.crop_fraction))) for p in paths])
+    with torch.no_grad():
+        eager = model(x)
+        scripted = torch.jit.load(str(model_dir / "model.ts"))(x)
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert torch.allclose(scripted, eager, atol=1e-4)
+    assert torch.allclose(onnx, eager, atol=1e-3)
+
+
+def test_eval_cli_json(trained, small_sample_dir):
+    model_dir, _, _ = trained
+    out = run("catsdogs_eval", "--model", str(model_dir), "--data-dir", str(small_sample_dir), "--json").stdout
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert {"accuracy", "log_loss", "n_images"} <= set(metrics)
+    assert metrics["n_images"] >= 120 and metrics["n_skipped"] >= 2  # the empty file and the truncated JPEG
+    assert "unreadable skipped" in out
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(small_sample_dir, tmp_path):
+    common = ["--data-dir", str(small_sample_dir), "--quick", "--num-workers", "1"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run("catsdogs_train", *common, "--output", str(tmp_path / "straight"), "--no-mlflow")
+    first = run("catsdogs_train", *common, "--output", str(tmp_path / "resumed"), "--mlflow-tracking-uri", uri, "--stop-after-epochs", "1")
+    assert "continue with --resume" in first.stdout and not (tmp_path / "resumed" / "weights.pt").exists()
+    run_id = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["run_id"]
+    run("catsdogs_train", *common, "--output", str(tmp_path / "resumed"), "--mlflow-tracking-uri", uri, "--resume")
+    straight = torch.load(tmp_path / "straight" / "weights.pt")
+    resumed = torch.load(tmp_path / "resumed" / "weights.pt")
+    for name, tensor in straight.items():
+        assert torch.allclose(tensor.float(), resumed[name].float(), atol=1e-6), name
+    assert json.loads((tmp_path / "resumed" / "mlflow_run.json").read_text())["run_id"] == run_id
+    assert len(mlflow.MlflowClient(uri).get_metric_history(run_id, "val_loss")) == 2
+
+
+def test_ddp_two_gloo_processes_agree(small_sample_dir, tmp_path):
+    run("torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", "catsdogs_train", "--data-dir", str(small_sample_dir),
+        "--output", str(tmp_path / "model"), "--quick", "--no-mlflow", "--device", "cpu", "--num-workers", "1",
+        "--freeze-epochs", "0", "--epochs", "1", env={"OMP_NUM_THREADS": "1"})
+    check = json.loads((tmp_path / "model" / "ddp_check.json").read_text())
+    assert check["world_size"] == 2 and check["agree"] and len(set(check["param_checksums"])) == 1
+    assert (tmp_path / "model" / "model.onnx").exists()
+
+
+def test_torchvision_weights_load_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+    weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT
+    reference = torchvision.models.mobilenet_v3_small()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    model = build_model("mobilenet_v3_small", pretrained=True)
+    assert torch.equal(model.backbone[0][0][0].weight, reference.features[0][0].weight)
+
+
+def test_unknown_architecture_is_a_clear_error(small_sample_dir, tmp_path):
+    result = subprocess.run(["catsdogs_train", "--data-dir", str(small_sample_dir), "--output", str(tmp_path),
+                             "--architecture", "resnet9000", "--no-mlflow"], capture_output=True, text=True)
+    assert result.returncode != 0 and "choose one of" in result.stderr
