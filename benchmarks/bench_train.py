@@ -29,6 +29,7 @@ with tempfile.TemporaryDirectory() as tmp:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONUNBUFFERED": "1"}
     cmd = ["catsdogs_train", "--data-dir", str(args.data_dir), "--output", str(output), *args.extra]
     print("$", " ".join(cmd), flush=True)
+    cmd[:1] = [sys.executable, "-c", "from catsdogs.training import train_cli; train_cli()"]  # the console script, uninstalled too
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     wall = time.perf_counter() - start

@@ -584,27 +584,30 @@ with tempfile.TemporaryDirectory() as tmp:
 #| export
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def decode_size(image_size:int=224, crop_fraction:float=0.875) -> int:
-    "The shorter side images are resized to before cropping; also the JPEG draft size."
-    return int(round(image_size / crop_fraction))
+def decode_size(image_size:int|None=None, crop_fraction:float|None=None) -> int:
+    "The shorter side images are resized to before cropping; also the JPEG draft size (defaults: `Settings`)."
+    defaults = Settings()
+    return int(round((image_size or defaults.image_size) / (crop_fraction or defaults.crop_fraction)))
 
-def eval_transform(image_size:int=224, crop_fraction:float=0.875,
+def eval_transform(image_size:int|None=None, crop_fraction:float|None=None,
                    mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
-    "Deterministic preprocessing from an RGB PIL image to a normalised CHW float tensor."
+    "Deterministic preprocessing from an RGB PIL image to a normalised CHW float tensor (defaults: `Settings`)."
+    image_size = image_size or Settings().image_size
     return T.Compose([T.Resize(decode_size(image_size, crop_fraction), antialias=True), T.CenterCrop(image_size),
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
-def train_transform(image_size:int=224, mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
+def train_transform(image_size:int|None=None, mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
     "Training augmentation: random resized crop, flip, small rotation, colour jitter, random erasing."
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip(),
+    return T.Compose([T.RandomResizedCrop(image_size or Settings().image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip(),
                       T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.02),
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std),
                       T.RandomErasing(p=0.25, scale=(0.02, 0.15))])
 
 
 # %%
+size = Settings().image_size
 x = eval_transform()(load_image(data_dir/"Dog"/"dog.1.jpg", draft_size=decode_size()))
-test_eq((x.shape, x.dtype), ((3, 224, 224), torch.float32))
+test_eq((x.shape, x.dtype), ((3, size, size), torch.float32))
 test_eq(train_transform(160)(img).shape, (3, 160, 160))
 test_eq(decode_size(224, 0.875), 256)
 
@@ -631,5 +634,5 @@ class ImageDataset(torch.utils.data.Dataset):
 # %%
 ds = ImageDataset(prepared.split("train"), prepared.root, eval_transform(), draft_size=decode_size())
 x, y = ds[0]
-test_eq(x.shape, (3, 224, 224)); test_eq(y, ("cat", "dog").index(prepared.split("train").label[0]))
+test_eq(x.shape, (3, size, size)); test_eq(y, ("cat", "dog").index(prepared.split("train").label[0]))
 len(ds)

@@ -15,7 +15,8 @@
 #    over the data instead of one per epoch;
 # 3. **fine-tuning**: the whole network, the backbone at `--backbone-lr`; AdamW, cosine schedule
 #    with warm-up, label smoothing, augmentation; on CUDA with AMP, `channels_last` and pinned memory;
-# 4. **early stopping** on validation loss, keeping the best weights, with a checkpoint every
+# 4. **early stopping** of fine-tuning on validation loss, keeping the best weights of either
+#    stage, with a checkpoint every
 #    epoch so `--resume` ends exactly where an uninterrupted run would;
 # 5. **calibration and evaluation**: temperature scaling on val, metrics and figures on test;
 # 6. **artifact**: weights, `model_config.json`, TorchScript and ONNX (checked against eager),
@@ -117,6 +118,11 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
 
 # %% [markdown]
 # ## One epoch, and evaluation
+#
+# Early stopping and the choice of the best epoch watch the validation loss *after*
+# temperature scaling (below): label smoothing deliberately keeps logits small, so the raw
+# loss rewards confidence rather than correctness, while the calibrated loss compares epochs
+# on what the served model will actually output.
 
 # %%
 #| export
@@ -135,10 +141,16 @@ def _to_device(x:torch.Tensor, device:torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
+def _freeze_batchnorm(module:nn.Module):
+    "Put every BatchNorm layer in eval mode: running statistics stay as pretrained, the affine weights still learn."
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+
 def train_one_epoch(model:nn.Module, loader, criterion, optimizer, scheduler, device:torch.device,
-                    desc:str="train", progress:bool=True) -> float:
+                    desc:str="train", progress:bool=True, freeze_bn:bool=False) -> float:
     "One pass over `loader`, stepping the scheduler every batch; returns the mean training loss."
     model.train()
+    if freeze_bn: _freeze_batchnorm(model)
     total, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
         x, y = _to_device(x, device), y.to(device, non_blocking=True)
@@ -163,9 +175,11 @@ def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=F
 # %%
 #| export
 def evaluate(model:nn.Module, loader, device:torch.device, progress:bool=False) -> dict:
-    "Mean cross-entropy (no smoothing) and accuracy on `loader`."
+    "Cross-entropy (no smoothing), the same after temperature scaling, and accuracy on `loader`."
     logits, targets = predict_logits(model, loader, device, progress)
+    t = fit_temperature(logits, targets)
     return {"loss": nn.functional.cross_entropy(logits, targets).item(),
+            "calibrated_loss": nn.functional.cross_entropy(logits / t, targets).item(),
             "accuracy": (logits.argmax(1) == targets).float().mean().item()}
 
 
@@ -459,13 +473,15 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
     stopped_early = False
     for epoch in range(start, settings.epochs):
         frozen = epoch < settings.freeze_epochs
-        if stage != frozen:  # a new stage: fresh optimizer and schedule
+        if stage != frozen:  # a new stage: fresh optimizer, schedule and patience
+            if stage is not None or not (ckpt and ckpt["frozen"] == frozen): bad_epochs = 0
             stage = frozen
             for p in model.backbone.parameters(): p.requires_grad_(not frozen)
             n_train = len(rows["train"]) // world_size
             steps = max(1, n_train // settings.batch_size) if n_train > settings.batch_size else 1
             stage_epochs = settings.freeze_epochs if frozen else settings.epochs - settings.freeze_epochs
-            groups = [{"params": list(model.head.parameters()), "lr": settings.lr}]
+            # fine-tuning: the head at 10x the backbone's rate, so the trained head is not thrown off
+            groups = [{"params": list(model.head.parameters()), "lr": settings.lr if frozen else 10 * settings.backbone_lr}]
             if not frozen: groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})
             optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
             scheduler = warmup_cosine(optimizer, steps * stage_epochs, int(steps * settings.warmup_epochs))
@@ -483,29 +499,30 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
             n_seen = len(train_feats)
         else:
             loader = make_loader(rows["train"], prepared.root, tf_train, settings, device, train=True, epoch=epoch, world_size=world_size)
-            if frozen: model.backbone.eval()  # frozen BatchNorm statistics stay as pretrained
             train_loss = train_one_epoch(ddp_model, loader, criterion, optimizer, scheduler, device,
-                                         f"epoch {epoch + 1} {'head' if frozen else 'all'}", progress)
+                                         f"epoch {epoch + 1} {'head' if frozen else 'all'}", progress,
+                                         freeze_bn=frozen or settings.freeze_bn)
             if world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
             val = evaluate(model, val_loader, device)
             n_seen = len(loader.dataset) // world_size
         seconds = time.time() - t0
         record = {"epoch": epoch + 1, "stage": "frozen" if frozen else "finetune", "train_loss": train_loss,
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": seconds, "images_per_s": n_seen / seconds}
+                  "val_loss": val["loss"], "val_calibrated_loss": val["calibrated_loss"], "val_accuracy": val["accuracy"],
+                  "seconds": seconds, "images_per_s": n_seen / seconds}
         history.append(record)
-        improved = val["loss"] < best_loss - 1e-4
-        if improved: best_loss, best_state, bad_epochs = val["loss"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
+        improved = val["calibrated_loss"] < best_loss - 1e-4
+        if improved: best_loss, best_state, bad_epochs = val["calibrated_loss"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
         else: bad_epochs += 1
         if main:
             print(f"epoch {epoch + 1}/{settings.epochs} [{record['stage']}] train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
-                  f"val_acc {val['accuracy']:.4f} {seconds:.0f}s ({record['images_per_s']:.1f} img/s){' *' if improved else ''}", flush=True)
+                  f"(calibrated {val['calibrated_loss']:.4f}) val_acc {val['accuracy']:.4f} {seconds:.0f}s ({record['images_per_s']:.1f} img/s){' *' if improved else ''}", flush=True)
             tracker.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step=epoch + 1)
             save_checkpoint(ckpt_path, epoch=epoch + 1, frozen=frozen, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), best_state=best_state, best_loss=best_loss, bad_epochs=bad_epochs,
                             history=history, run_id=tracker.run_id, dataset_version=prepared.version,
                             settings=settings.model_dump(mode="json"))
         if world_size > 1: dist.barrier()
-        if bad_epochs >= settings.patience:
+        if bad_epochs >= settings.patience and not frozen:  # the frozen stage always hands over to fine-tuning
             stopped_early = True
             if main: print(f"early stop: no better validation loss for {bad_epochs} epochs")
             break
@@ -647,7 +664,7 @@ assert metrics["n_images"] > 20 and metrics["n_skipped"] >= 1
 # %%
 #| export
 _TRAIN_FLAGS = ["data_dir", "architecture", "epochs", "freeze_epochs", "batch_size", "lr", "backbone_lr", "weight_decay",
-                "label_smoothing", "image_size", "device", "seed", "output", "num_workers", "patience",
+                "label_smoothing", "image_size", "device", "seed", "output", "num_workers", "patience", "freeze_bn",
                 "mlflow_tracking_uri", "experiment_name"]
 
 def train_cli(argv:list[str]|None=None):

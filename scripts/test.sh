@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep instead of spinning, so the servers
+# and clients that the tests run side by side on two cores do not starve each other.
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE
 
 echo "== 1/5 notebook pairs (.ipynb <-> percent .py) in sync, README from nbs/index.ipynb"
 python scripts/check_pairs.py

@@ -126,7 +126,8 @@ def test_dataset_uses_the_shared_eval_transform(prepared, sample_dir):
     rows = manifest[manifest.split == "val"].head(4)
     ds = ImageDataset(rows, sample_dir, eval_transform())
     x, y = ds[0]
-    assert tuple(x.shape) == (3, 224, 224) and y in (0, 1)
+    size = Settings().image_size
+    assert tuple(x.shape) == (3, size, size) and y in (0, 1)
     direct = eval_transform()(load_image(sample_dir / rows.path.iloc[0]))
     assert (x == direct).all()
     assert tuple(train_transform(128)(load_image(sample_dir / rows.path.iloc[0])).shape) == (3, 128, 128)

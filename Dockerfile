@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# The catsdogs HTTP service on CPU.
+#
+#   docker build -t catsdogs .                                      # model mounted at run time:
+#   docker run -p 8000:8000 -v $PWD/artifacts/model:/models:ro catsdogs
+#   docker build -t catsdogs --build-arg MODEL_DIR=artifacts/model .  # or baked into the image
+#
+# Every catsdogs setting can be changed with a CATSDOGS_* variable (e.g. -e CATSDOGS_WORKERS=2).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+
+# CPU-only PyTorch first, so installing catsdogs does not pull the CUDA wheels from PyPI
+# (`torch==2.14.1` in the requirements is satisfied by `2.14.1+cpu`).
+RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
+
+COPY setup.py settings.ini pyproject.toml README.md ./
+COPY catsdogs ./catsdogs
+RUN pip install . && rm -rf /app/build
+
+# Optional: bake a model artifact from the build context into /models.
+ARG MODEL_DIR=""
+RUN --mount=type=bind,target=/ctx mkdir -p /models \
+    && if [ -n "$MODEL_DIR" ]; then cp -r "/ctx/$MODEL_DIR/." /models/; fi
+
+RUN useradd --create-home --uid 10001 catsdogs && chown -R catsdogs /models
+USER catsdogs
+
+# OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep instead of spinning, leaving the cores
+# to image decoding and ONNX Runtime (much faster on small, shared CPU allocations).
+ENV CATSDOGS_MODEL_DIR=/models CATSDOGS_PORT=8000 OMP_WAIT_POLICY=PASSIVE
+EXPOSE 8000
+
+# slim has no curl: ask /health with the standard library.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
+
+CMD ["catsdogs_serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,736 @@
+# %%
+#| default_exp serving
+
+# %% [markdown]
+# # Serving
+#
+# > A FastAPI service around the `Predictor`: uploads and URLs in, calibrated probabilities out, with limits, micro-batching, metrics and a web page.
+
+# %% [markdown]
+# `create_app(settings)` builds the service; `catsdogs_serve` runs it under uvicorn.
+#
+# | route | what it does |
+# |---|---|
+# | `GET /` | the web page (drop photos or paste a URL) |
+# | `GET /health` | liveness: the process answers |
+# | `GET /ready` | readiness: 503 until the model is loaded, then which model and backend |
+# | `POST /predict` | one image: multipart `file`, raw `image/*` body, `?url=` or JSON `{"url": ...}` |
+# | `POST /predict/batch` | several multipart `files` (at most `max_batch_files`) |
+# | `GET /metrics` | Prometheus metrics |
+# | `GET /docs` | the OpenAPI page |
+#
+# Design choices, each against a mistake such services keep making:
+#
+# - the model loads once, in `lifespan`; settings come from `get_settings`, which tests override;
+# - bodies are read in chunks and refused (413) as soon as they pass `max_upload_bytes`, never
+#   buffered whole first; `load_image` refuses decompression bombs before decoding;
+# - decoding runs in worker threads and the forward pass in one inference thread, never on the
+#   event loop; a **micro-batcher** gives requests that arrive together one forward pass;
+# - URL fetches accept only http(s), time out, obey the same size limit, and refuse loopback,
+#   private, link-local, multicast and reserved addresses after DNS resolution and on every
+#   redirect hop, connecting to the very address that was checked (no DNS rebinding);
+# - every bad input is a JSON `{"detail": ...}` with a 4xx status, in plain words.
+
+# %%
+#| export
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Callable
+
+import anyio
+import httpx
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from pydantic import BaseModel
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from catsdogs.config import Settings, get_settings, parse_settings, settings_parser
+from catsdogs.data import ImageError
+from catsdogs.inference import Prediction, Predictor, check_artifact
+
+# %%
+#| hide
+import tempfile
+from fastapi.testclient import TestClient
+from fastcore.test import test_eq
+from catsdogs.data import demo_data_dir
+from catsdogs.model import ModelConfig, build_model, export_artifact
+
+# %%
+#| export
+logger = logging.getLogger("catsdogs.serving")
+
+# %% [markdown]
+# The examples serve a small untrained model from a temporary folder.
+
+# %%
+tmp = tempfile.TemporaryDirectory()
+artifact = export_artifact(build_model("small_cnn", pretrained=False), Path(tmp.name)/"model",
+                           ModelConfig.for_backbone("small_cnn", image_size=96))
+data_dir = demo_data_dir()
+cat_jpg = sorted((data_dir/"Cat").glob("cat.*.jpg"))[0]
+
+# %% [markdown]
+# ## Bad images in plain words
+#
+# `load_image` raises `ImageError` with a short reason; the API turns each reason into a
+# status and a sentence a person can act on.
+
+# %%
+#| export
+_IMAGE_ERRORS = {  # ImageError.reason -> (HTTP status, message)
+    "empty file": (400, "the file is empty"),
+    "not an image": (415, "this file is not an image"),
+    "corrupt or truncated image": (400, "the image is corrupt or truncated"),
+    "too many pixels": (413, "the image has too many pixels"),
+}
+
+def image_http_error(error:ImageError) -> HTTPException:
+    "The `HTTPException` (status and plain-words detail) for an `ImageError`."
+    status, message = _IMAGE_ERRORS.get(error.reason, (400, f"the image cannot be used ({error.reason})"))
+    detail = str(error).split(": ", 1)[1] if ": " in str(error) else ""
+    if error.reason == "too many pixels" and detail: message += f" ({detail})"
+    return HTTPException(status, message)
+
+
+# %%
+test_eq(image_http_error(ImageError("not an image", "unknown format")).status_code, 415)
+test_eq(image_http_error(ImageError("too many pixels", "1x2 is over")).detail, "the image has too many pixels (1x2 is over)")
+
+# %% [markdown]
+# ## Which addresses a URL may reach
+#
+# `refusal_reason` says why an address must not be fetched, or `None`. IPv4 addresses wrapped
+# in IPv6 (`::ffff:10.0.0.1`, 6to4) are judged by the IPv4 address inside.
+
+# %%
+#| export
+_REFUSED_KINDS = ("loopback", "link_local", "multicast", "unspecified", "reserved", "private")
+
+def refusal_reason(address:str, # An IP address, as resolution returns it
+                   allow_private:bool=False) -> str|None:
+    "Why a fetch from `address` is refused (loopback, private, ...), or None when it is allowed."
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address): ip = ip.ipv4_mapped or ip.sixtofour or ip
+    if allow_private: return None
+    for kind in _REFUSED_KINDS:
+        if getattr(ip, f"is_{kind}"): return f"{kind.replace('_', '-')} address"
+    return None if ip.is_global else "non-public address"
+
+
+# %%
+for addr, kind in [("10.0.0.1", "private"), ("169.254.169.254", "link-local"), ("192.168.1.1", "private"),
+                   ("::1", "loopback"), ("224.0.0.1", "multicast"), ("127.0.0.1", "loopback"),
+                   ("::ffff:10.0.0.1", "private"), ("0.0.0.0", "unspecified"), ("100.64.0.1", "non-public")]:
+    test_eq(refusal_reason(addr), f"{kind} address")
+test_eq(refusal_reason("93.184.216.34"), None)
+test_eq(refusal_reason("127.0.0.1", allow_private=True), None)
+
+
+# %% [markdown]
+# ## Fetching a URL
+#
+# `fetch_url` follows redirects itself. For each hop it checks the scheme, resolves the host
+# with `resolver` (`socket.getaddrinfo` unless a test passes another), refuses the hop if any
+# address is refused, and then connects to the checked address, sending the original host
+# name in `Host` and TLS SNI. The body streams in chunks and stops at `max_bytes`.
+
+# %%
+#| export
+class FetchRefused(HTTPException):
+    "A URL that is not fetched, with the reason (HTTP 400 unless said otherwise)."
+    def __init__(self, reason:str, status:int=400): super().__init__(status, reason)
+
+async def _checked_address(url:httpx.URL, resolver:Callable, guard:Callable, allow_private:bool) -> str:
+    "The address to connect to for `url`, after checking every address its host resolves to."
+    if url.scheme not in ("http", "https"): raise FetchRefused(f"only http and https URLs are fetched, not {url.scheme or 'this'!r}")
+    if not url.host: raise FetchRefused("the URL has no host")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try: infos = await anyio.to_thread.run_sync(lambda: resolver(url.host, port, type=socket.SOCK_STREAM))
+    except (OSError, UnicodeError) as e: raise FetchRefused(f"cannot resolve host {url.host!r}: {e}")
+    addresses = sorted(dict.fromkeys(info[4][0] for info in infos), key=lambda a: ":" in a)  # IPv4 first
+    if not addresses: raise FetchRefused(f"cannot resolve host {url.host!r}")
+    for address in addresses:
+        if reason := guard(address, allow_private): raise FetchRefused(f"refused: {url.host} resolves to {address}, a {reason}")
+    return addresses[0]
+
+async def fetch_url(url:str, # http(s) URL of an image
+                    client:httpx.AsyncClient, # Client with timeouts and `follow_redirects=False`
+                    max_bytes:int, # Refuse larger bodies (413) while streaming
+                    resolver:Callable=socket.getaddrinfo, # `getaddrinfo`-like host resolver
+                    guard:Callable=refusal_reason, # `(address, allow_private) -> reason or None`
+                    allow_private:bool=False, max_redirects:int=5) -> bytes:
+    "The body of `url`, following redirects by hand and checking every hop's addresses first."
+    try: current = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e: raise FetchRefused(f"not a valid URL: {e}")
+    for _ in range(max_redirects + 1):
+        address = await _checked_address(current, resolver, guard, allow_private)
+        headers = {"Host": current.netloc.decode("ascii"), "Accept": "image/*", "User-Agent": "catsdogs"}
+        extensions = {"sni_hostname": current.host} if current.scheme == "https" else {}
+        async with client.stream("GET", current.copy_with(host=address), headers=headers, extensions=extensions) as response:
+            if response.is_redirect and "location" in response.headers:
+                current = current.join(response.headers["location"]); continue
+            if response.status_code != 200: raise FetchRefused(f"the URL answered HTTP {response.status_code}")
+            if int(response.headers.get("content-length") or 0) > max_bytes:
+                raise FetchRefused(f"the image at the URL is over the limit of {max_bytes:,} bytes", 413)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes: raise FetchRefused(f"the image at the URL is over the limit of {max_bytes:,} bytes", 413)
+            return bytes(body)
+    raise FetchRefused(f"more than {max_redirects} redirects")
+
+
+# %% [markdown]
+# Refusals happen before any connection: a non-http scheme, a literal private address, or a
+# host name that resolves to one (here through a stand-in resolver, so nothing is sent anywhere).
+
+# %%
+def fake_resolver(host, port, type=0):
+    "Resolve `internal.example` to a private address, and literal IPs to themselves."
+    ip = "10.1.2.3" if host == "internal.example" else host
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+async def refusal(url):
+    async with httpx.AsyncClient() as client:
+        try: await fetch_url(url, client, 1000, resolver=fake_resolver)
+        except FetchRefused as e: return e.detail
+
+test_eq(await refusal("file:///etc/passwd"), "only http and https URLs are fetched, not 'file'")
+test_eq(await refusal("http://169.254.169.254/latest/meta-data"), "refused: 169.254.169.254 resolves to 169.254.169.254, a link-local address")
+test_eq(await refusal("http://internal.example/cat.jpg"), "refused: internal.example resolves to 10.1.2.3, a private address")
+
+
+# %% [markdown]
+# ## Reading request bodies within the limit
+#
+# The body is read chunk by chunk; a `Content-Length` over the limit is refused before
+# reading, and a body without one (chunked) is refused as soon as it passes the limit.
+# Multipart bodies go through python-multipart's streaming parser, so each file is held to the
+# limit while it arrives.
+
+# %%
+#| export
+@dataclass
+class Upload:
+    "One part of a multipart body."
+    name: str = ""
+    filename: str = ""
+    data: bytearray = field(default_factory=bytearray)
+
+def _too_large(limit:int, what:str="the upload") -> HTTPException:
+    return HTTPException(413, f"{what} is over the limit of {limit:,} bytes")
+
+def _check_length(request:Request, limit:int):
+    "Refuse early when the declared Content-Length is over `limit`."
+    try: declared = int(request.headers.get("content-length") or 0)
+    except ValueError: raise HTTPException(400, "invalid Content-Length header")
+    if declared > limit: raise _too_large(limit)
+
+async def read_body(request:Request, limit:int) -> bytes:
+    "The whole body, refused with 413 as soon as it passes `limit` bytes."
+    _check_length(request, limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit: raise _too_large(limit)
+    return bytes(body)
+
+
+# %%
+#| export
+def _multipart_parser(boundary:bytes, parts:list[Upload]) -> MultipartParser:
+    "A streaming parser that appends each part, with its name and filename, to `parts`."
+    header = {"field": bytearray(), "value": bytearray()}
+    def on_part_begin(): parts.append(Upload())
+    def on_header_field(data, start, end): header["field"] += data[start:end]
+    def on_header_value(data, start, end): header["value"] += data[start:end]
+    def on_header_end():
+        if bytes(header["field"]).lower() == b"content-disposition":
+            _, options = parse_options_header(bytes(header["value"]))
+            parts[-1].name = options.get(b"name", b"").decode("utf-8", "replace")
+            parts[-1].filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        header["field"].clear(); header["value"].clear()
+    def on_part_data(data, start, end): parts[-1].data += data[start:end]
+    return MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                      "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                      "on_part_data": on_part_data})
+
+async def read_multipart(request:Request,
+                         max_part_bytes:int, # Largest file
+                         max_files:int=1, # Most parts
+                         max_total_bytes:int|None=None) -> list[Upload]:
+    "The parts of a multipart body, streamed: 413 as soon as a part, the part count or the total passes its limit."
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    if not options.get(b"boundary"): raise HTTPException(400, "multipart body without a boundary")
+    total_limit = max_total_bytes or max_part_bytes * max_files + 64 * 1024
+    _check_length(request, total_limit)
+    parts: list[Upload] = []
+    parser, total = _multipart_parser(options[b"boundary"], parts), 0
+    async for chunk in request.stream():
+        try: parser.write(chunk)
+        except Exception as e: raise HTTPException(400, f"malformed multipart body: {e}")
+        if len(parts) > max_files: raise HTTPException(413, f"too many files: at most {max_files} per request")
+        if parts and len(parts[-1].data) > max_part_bytes: raise _too_large(max_part_bytes, f"file {parts[-1].filename or parts[-1].name!r}")
+        total += len(chunk)
+        if total > total_limit: raise _too_large(total_limit, "the request")
+    parser.finalize()
+    return parts
+
+
+# %% [markdown]
+# ## The micro-batcher
+#
+# Requests decode their image in worker threads, then `submit` the tensor. One loop takes
+# whatever is queued (up to `max_batch_size`), waits at most `wait_ms` for more *only while
+# other requests are still decoding* (a lone request never waits), and runs one forward pass
+# in the inference thread. While that pass runs, new requests queue up for the next one.
+
+# %%
+#| export
+class MicroBatcher:
+    "Collect concurrently submitted image tensors into batched forward passes."
+    def __init__(self, run_batch:Callable, # list of tensors -> list of results, run in the inference thread
+                 max_batch_size:int=16, wait_ms:float=2.0):
+        self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_ms / 1000
+        self.decoding = 0  # requests between arrival and `submit`; the loop waits for them
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="catsdogs-inference")
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, x:torch.Tensor):
+        "The result for one input, computed in a shared batch."
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((x, future)); self._arrived.set()
+        return await future
+
+    async def close(self):
+        "Stop the loop and the inference thread."
+        self._task.cancel()
+        try: await self._task
+        except asyncio.CancelledError: pass
+        self.executor.shutdown(wait=False)
+
+
+# %%
+#| export
+async def _collect(self:MicroBatcher) -> list:
+    "The next batch: the queue's head, then more while others are decoding, until full or `wait_ms` passes."
+    batch = [await self.queue.get()]
+    deadline = asyncio.get_running_loop().time() + self.wait_s
+    while len(batch) < self.max_batch_size:
+        if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
+        remaining = deadline - asyncio.get_running_loop().time()
+        if self.decoding == 0 or remaining <= 0: break
+        self._arrived.clear()
+        try: await asyncio.wait_for(self._arrived.wait(), remaining)
+        except TimeoutError: break
+    return [(x, f) for x, f in batch if not f.done()]
+
+async def _loop(self:MicroBatcher):
+    "Forever: collect a batch, run it in the inference thread, hand each request its result."
+    loop = asyncio.get_running_loop()
+    while True:
+        batch = await self._collect()
+        if not batch: continue
+        try: results = await loop.run_in_executor(self.executor, self.run_batch, [x for x, _ in batch])
+        except Exception as e:
+            for _, f in batch:
+                if not f.done(): f.set_exception(e)
+            continue
+        for (_, f), r in zip(batch, results):
+            if not f.done(): f.set_result(r)
+
+MicroBatcher._collect, MicroBatcher._loop = _collect, _loop
+
+# %% [markdown]
+# Eight requests submitted together share few forward passes:
+
+# %%
+sizes = []
+def double(xs): sizes.append(len(xs)); time.sleep(0.01); return [x * 2 for x in xs]
+
+batcher = MicroBatcher(double, max_batch_size=4)
+results = await asyncio.gather(*(batcher.submit(torch.tensor(float(i))) for i in range(8)))
+await batcher.close()
+test_eq([float(r) for r in results], [2.0 * i for i in range(8)])
+test_eq(max(sizes) <= 4 and len(sizes) < 8, True)
+sizes
+
+
+# %% [markdown]
+# ## Metrics
+#
+# Each app has its own `CollectorRegistry`, so tests can build several apps in one process.
+
+# %%
+#| export
+class Metrics:
+    "The service's Prometheus metrics, in a registry of its own."
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        by_request = ["route", "method", "status"]
+        self.requests = Counter("catsdogs_http_requests", "HTTP requests", by_request, registry=r)
+        self.latency = Histogram("catsdogs_http_request_duration_seconds", "HTTP request latency", by_request, registry=r)
+        self.predictions = Counter("catsdogs_predictions", "Predictions by label", ["label"], registry=r)
+        self.batch_size = Histogram("catsdogs_inference_batch_size", "Images per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.inference = Histogram("catsdogs_inference_duration_seconds", "Forward-pass time per batch", registry=r)
+        self.model = Info("catsdogs_model", "The model being served", registry=r)
+        self.ready = Gauge("catsdogs_model_ready", "1 once the model is loaded", registry=r)
+
+class _MetricsMiddleware:
+    "ASGI middleware counting requests and their latency by route template, method and status."
+    def __init__(self, app, metrics:Metrics): self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        async def send_and_record(message):
+            if message["type"] == "http.response.start": status[0] = message["status"]
+            await send(message)
+        try: await self.app(scope, receive, send_and_record)
+        finally:
+            labels = (getattr(scope.get("route"), "path", "unmatched"), scope["method"], str(status[0]))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+
+# %% [markdown]
+# ## The service state
+#
+# `Service` holds what the lifespan creates: the predictor, the batcher, the HTTP client for
+# URL fetches and the decode-thread limiter. `predict_bytes` is the one path from uploaded
+# bytes to an answer.
+
+# %%
+#| export
+class PredictionOut(BaseModel):
+    "The answer for one image."
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    p_dog: float
+    model_version: str
+
+class BatchItem(BaseModel):
+    "One file of a batch: its prediction, or the error that stopped it."
+    filename: str
+    label: str|None = None
+    confidence: float|None = None
+    probabilities: dict[str, float]|None = None
+    p_dog: float|None = None
+    error: str|None = None
+    status: int = 200
+
+class BatchOut(BaseModel):
+    "The answers for a batch, in upload order."
+    results: list[BatchItem]
+    model_version: str
+
+class UrlIn(BaseModel):
+    "JSON body of `/predict` for an image on the web."
+    url: str
+
+
+# %%
+#| export
+@dataclass
+class Service:
+    "Everything the lifespan loads once: the model and what feeds it."
+    settings: Settings
+    predictor: Predictor
+    metrics: Metrics
+    resolver: Callable
+    guard: Callable
+    batcher: MicroBatcher|None = None
+    client: httpx.AsyncClient|None = None
+    limiter: anyio.CapacityLimiter|None = None
+
+    async def start(self):
+        "Create the batcher, the decode limiter and the URL client (inside the running event loop)."
+        s = self.settings
+        self.batcher = MicroBatcher(self._run_batch, s.max_batch_size, s.batch_wait_ms)
+        self.limiter = anyio.CapacityLimiter(self.predictor.threads)
+        timeout = httpx.Timeout(s.url_timeout_s)
+        self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+
+    async def stop(self):
+        await self.batcher.close(); await self.client.aclose()
+
+    def _run_batch(self, xs:list[torch.Tensor]) -> list[Prediction]:
+        "One forward pass (in the inference thread), recorded in the metrics."
+        start = time.perf_counter()
+        out = self.predictor.predict_tensors(torch.stack(xs))
+        self.metrics.inference.observe(time.perf_counter() - start); self.metrics.batch_size.observe(len(xs))
+        return out
+
+    async def predict_bytes(self, data:bytes) -> PredictionOut:
+        "Decode in a worker thread, predict in a shared batch; bad images raise a 4xx `HTTPException`."
+        self.batcher.decoding += 1
+        try: x = await anyio.to_thread.run_sync(self.predictor.preprocess, data, self.settings.max_image_pixels, limiter=self.limiter)
+        except ImageError as e: raise image_http_error(e) from None
+        finally: self.batcher.decoding -= 1
+        p = await self.batcher.submit(x)
+        self.metrics.predictions.labels(p.label).inc()
+        return PredictionOut(**p.to_dict(), model_version=self.predictor.model_version)
+
+    async def fetch(self, url:str) -> bytes:
+        "The image at `url`, within the limits and address checks."
+        try:
+            with anyio.fail_after(3 * self.settings.url_timeout_s):
+                return await fetch_url(url, self.client, self.settings.max_upload_bytes, self.resolver, self.guard,
+                                       self.settings.allow_private_urls)
+        except TimeoutError: raise FetchRefused("timed out fetching the URL")
+        except httpx.TimeoutException: raise FetchRefused("timed out fetching the URL")
+        except httpx.HTTPError as e: raise FetchRefused(f"could not fetch the URL ({type(e).__name__}: {e})")
+
+
+# %% [markdown]
+# ## Dependencies
+
+# %%
+#| export
+def get_service(request:Request) -> Service:
+    "The loaded service, or 503 while the model is not loaded."
+    service = getattr(request.app.state, "service", None)
+    if service is None: raise HTTPException(503, "the model is not loaded yet")
+    return service
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+# %% [markdown]
+# ## The app
+#
+# `create_app` takes the settings (default: `get_settings()`, through the dependency so a test
+# may override it), an already loaded `predictor` to share between apps in tests, and the
+# `resolver` and `url_guard` that URL fetches use.
+
+# %%
+#| export
+def _settings_of(app:FastAPI) -> Settings:
+    "The settings the app's dependency resolves to (an override when a test or `create_app` set one)."
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+@asynccontextmanager
+async def lifespan(app:FastAPI):
+    "Load the model once at start-up (in a thread), start the batcher; stop both at shutdown."
+    settings = _settings_of(app)
+    try: predictor = app.state.predictor or await anyio.to_thread.run_sync(Predictor.from_settings, settings)
+    except Exception as e:
+        logger.error("cannot load the model from %s: %s", settings.model_dir, e); raise
+    service = Service(settings, predictor, app.state.metrics, app.state.resolver, app.state.url_guard)
+    await service.start()
+    c = predictor.config
+    app.state.metrics.model.info({"architecture": c.architecture, "backend": predictor.backend, "model_version": predictor.model_version,
+                                  "code_version": c.code_version, "created": c.created, "dataset_version": c.dataset_version})
+    app.state.metrics.ready.set(1)
+    logger.info("serving %r", predictor)
+    app.state.service = service
+    try: yield
+    finally:
+        app.state.service = None; app.state.metrics.ready.set(0)
+        await service.stop()
+
+def _web_page() -> str:
+    "The single-file web page shipped in `catsdogs/static`."
+    return (resources.files("catsdogs")/"static"/"index.html").read_text(encoding="utf-8")
+
+
+# %%
+#| export
+def create_app(settings:Settings|None=None, # Default: `get_settings()`
+               predictor:Predictor|None=None, # An already loaded model (else loaded in `lifespan`)
+               resolver:Callable=socket.getaddrinfo, # Host resolver of URL fetches
+               url_guard:Callable=refusal_reason) -> FastAPI: # `(address, allow_private) -> reason or None`
+    "The catsdogs FastAPI application."
+    app = FastAPI(title="catsdogs", summary="Is it a cat or a dog?", lifespan=lifespan)
+    if settings is not None: app.dependency_overrides[get_settings] = lambda: settings
+    app.state.predictor, app.state.resolver, app.state.url_guard = predictor, resolver, url_guard
+    app.state.service, app.state.metrics = None, Metrics()
+    app.add_middleware(_MetricsMiddleware, metrics=app.state.metrics)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        logger.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"detail": "internal error; the server logged it"}, status_code=500)
+
+    _add_routes(app, _web_page())
+    return app
+
+
+# %% [markdown]
+# ### Routes
+#
+# `/predict` reads its input by the request's content type; the OpenAPI page documents all
+# three forms.
+
+# %%
+#| export
+_IMAGE_FORMS = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+_BATCH_FORM = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["files"],
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+_ERRORS = {s: {"description": d} for s, d in [(400, "bad input or refused URL"), (413, "too large"),
+                                              (415, "not an image"), (503, "model not loaded yet")]}
+
+async def _image_bytes(request:Request, service:Service, url:str|None) -> bytes:
+    "The image of a `/predict` request: from `?url=`, a JSON `{\"url\"}`, a multipart `file` or a raw image body."
+    limit = service.settings.max_upload_bytes
+    if url: return await service.fetch(url)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        parts = [p for p in await read_multipart(request, limit) if p.name == "file"]
+        if not parts: raise HTTPException(400, "send the image in a multipart field named 'file'")
+        return bytes(parts[0].data)
+    if ctype == "application/json":
+        try: body = UrlIn.model_validate_json(await read_body(request, 64 * 1024))
+        except ValueError: raise HTTPException(400, 'a JSON body must be {"url": "https://..."}')
+        return await service.fetch(body.url)
+    if ctype.startswith("image/") or ctype == "application/octet-stream": return await read_body(request, limit)
+    raise HTTPException(415, "send multipart/form-data with a 'file' field, an image/* body, ?url=, or JSON {\"url\": ...}")
+
+
+# %%
+#| export
+def _add_routes(app:FastAPI, page:str):
+    "Register the routes of the service on `app`."
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict:
+        "Liveness: the process is up."
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: _ERRORS[503]})
+    def ready(service:ServiceDep) -> dict:
+        "Readiness: the model, its version, the data it was trained on and the backend."
+        p, c = service.predictor, service.predictor.config
+        return {"status": "ready", "model": c.architecture, "architecture": c.architecture, "model_version": p.model_version,
+                "code_version": c.code_version, "created": c.created, "dataset_version": c.dataset_version,
+                "backend": p.backend, "tta": p.tta, "class_names": list(c.class_names), "metrics": c.metrics}
+
+    @app.post("/predict", response_model=PredictionOut, openapi_extra=_IMAGE_FORMS, responses=_ERRORS)
+    async def predict(request:Request, service:ServiceDep,
+                      url:Annotated[str|None, Query(description="http(s) URL of an image to fetch")]=None) -> PredictionOut:
+        "Cat or dog for one image: a multipart `file`, a raw image body, `?url=` or JSON `{\"url\": ...}`."
+        return await service.predict_bytes(await _image_bytes(request, service, url))
+
+    @app.post("/predict/batch", response_model=BatchOut, openapi_extra=_BATCH_FORM, responses=_ERRORS)
+    async def predict_batch(request:Request, service:ServiceDep, settings:SettingsDep) -> BatchOut:
+        "Cat or dog for each of several multipart `files`; a bad file gets its own error."
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise HTTPException(415, "send multipart/form-data with one or more 'files' fields")
+        parts = await read_multipart(request, settings.max_upload_bytes, settings.max_batch_files)
+        files = [p for p in parts if p.name in ("files", "file")]
+        if not files: raise HTTPException(400, "no files: send them in multipart fields named 'files'")
+        answers = await asyncio.gather(*(service.predict_bytes(bytes(f.data)) for f in files), return_exceptions=True)
+        results = []
+        for f, a in zip(files, answers):
+            if isinstance(a, HTTPException): results.append(BatchItem(filename=f.filename, error=a.detail, status=a.status_code))
+            elif isinstance(a, BaseException): raise a
+            else: results.append(BatchItem(filename=f.filename, **a.model_dump(exclude={"model_version"})))
+        return BatchOut(results=results, model_version=service.predictor.model_version)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        "Prometheus metrics: requests, latency, predictions, batch sizes, model info."
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# %% [markdown]
+# ### The app at work
+#
+# `TestClient` runs the lifespan; `tests/test_serving.py` does the same against a real uvicorn
+# server and covers every bad input.
+
+# %%
+settings = Settings(model_dir=artifact, backend="onnx")
+with TestClient(create_app(settings)) as client:
+    test_eq(client.get("/health").json(), {"status": "ok"})
+    test_eq(client.get("/ready").json()["backend"], "onnx")
+    answer = client.post("/predict", files={"file": ("cat.jpg", cat_jpg.read_bytes(), "image/jpeg")})
+    test_eq(answer.status_code, 200)
+    test_eq(set(answer.json()), {"label", "confidence", "probabilities", "p_dog", "model_version"})
+    bad = client.post("/predict", files={"file": ("notes.txt", b"hello", "text/plain")})
+    test_eq((bad.status_code, bad.json()), (415, {"detail": "this file is not an image"}))
+    test_eq(client.post("/predict", json={"url": "http://10.0.0.1/cat.jpg"}).json()["detail"],
+            "refused: 10.0.0.1 resolves to 10.0.0.1, a private address")
+    test_eq("catsdogs_predictions_total" in client.get("/metrics").text, True)
+answer.json()
+
+# %% [markdown]
+# Before the lifespan has run (or after it ends) the app is alive but not ready:
+
+# %%
+client = TestClient(create_app(settings))
+test_eq(client.get("/health").status_code, 200)
+test_eq(client.get("/ready").status_code, 503)
+
+# %% [markdown]
+# ## `catsdogs_serve`
+#
+# The artifact is checked before uvicorn starts, so a missing or unreadable model stops the
+# command with a clear message and a non-zero exit code. With one worker the app is built
+# here; uvicorn needs an import string for several workers, so the flags travel to the
+# workers as `CATSDOGS_*` environment variables and each builds its app with `app_from_env`.
+
+# %%
+#| export
+_SERVE_FLAGS = ["model_dir", "backend", "tta", "threads", "host", "port", "workers", "max_upload_bytes", "max_batch_files",
+                "max_batch_size", "batch_wait_ms", "url_timeout_s", "allow_private_urls", "max_image_pixels"]
+
+def app_from_env() -> FastAPI:
+    "The app configured from `CATSDOGS_*` variables (uvicorn factory for `--workers` > 1)."
+    return create_app(Settings())
+
+def _to_env(settings:Settings, names:list[str]):
+    "Export the named settings as `CATSDOGS_*` variables for worker processes."
+    for name in names:
+        value = getattr(settings, name)
+        os.environ[f"CATSDOGS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+
+def serve_cli(argv:list[str]|None=None):
+    "Console script `catsdogs_serve`: serve the model over HTTP with uvicorn."
+    parser = settings_parser("Serve the cats-vs-dogs model over HTTP.", _SERVE_FLAGS)
+    settings, _ = parse_settings(parser, argv)
+    try: check_artifact(settings.model_dir)
+    except (OSError, ValueError) as e: parser.exit(2, f"catsdogs_serve: cannot serve: {e}\n")
+    settings.model_dir = Path(settings.model_dir).resolve()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    if settings.workers > 1:
+        _to_env(settings, _SERVE_FLAGS)
+        uvicorn.run("catsdogs.serving:app_from_env", factory=True, host=settings.host, port=settings.port, workers=settings.workers)
+    else:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+# %%
+try: serve_cli(["--model-dir", str(Path(tmp.name)/"missing")])
+except SystemExit as e: test_eq(e.code, 2)
+else: raise AssertionError("serve_cli should refuse a missing model")
+
+# %%
+tmp.cleanup()

@@ -1,0 +1,120 @@
+"""Shared helpers of the inference, serving and web tests: a demo model artifact (built once per
+process), a real uvicorn server in a background thread, a local HTTP file server, test images."""
+import http.server
+import io
+import socket
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+from PIL import Image
+
+from catsdogs.model import ModelConfig, build_model, export_artifact
+
+_ARTIFACTS: dict[str, Path] = {}
+_TMP = tempfile.TemporaryDirectory(prefix="catsdogs-test-artifacts-")
+
+
+def demo_artifact(architecture: str = "small_cnn") -> Path:
+    "An untrained artifact of `architecture` (ImageNet backbone where it has one), exported once per test process."
+    if architecture not in _ARTIFACTS:
+        model = build_model(architecture, pretrained=architecture != "small_cnn")
+        _ARTIFACTS[architecture] = export_artifact(model, Path(_TMP.name) / architecture, ModelConfig.for_backbone(architecture))
+    return _ARTIFACTS[architecture]
+
+
+def sample_images(sample_dir: Path, label: str, n: int) -> list[Path]:
+    "The first `n` well-formed `cat.N.jpg` / `dog.N.jpg` photos of the sample."
+    folder = sample_dir / label.capitalize()
+    return sorted(folder.glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))[:n]
+
+
+def free_socket() -> socket.socket:
+    "A socket bound to a free port on 127.0.0.1."
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def run_server(app, timeout: float = 60):
+    "Serve `app` with a real uvicorn server on 127.0.0.1 in a thread; yields its base URL (as uvicorn's tests do)."
+    sock = free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline: raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    "GET /<name> serves files[name]; /redirect?to=URL answers 302 to URL."
+    files: dict[str, bytes] = {}
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path == "/redirect":
+            self.send_response(302); self.send_header("Location", query.removeprefix("to=")); self.end_headers(); return
+        body = self.files.get(path.lstrip("/"))
+        if body is None:
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
+        self.send_response(200); self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+
+    def log_message(self, *args): pass
+
+
+@contextmanager
+def file_server(files: dict[str, bytes]):
+    "A local HTTP server on 127.0.0.1 serving `files` by name; yields its base URL."
+    handler = type("Handler", (_FileHandler,), {"files": files})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown(); httpd.server_close()
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    "`img` saved in `fmt` as bytes."
+    buf = io.BytesIO(); img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def odd_images(photo: Path) -> dict[str, bytes]:
+    "Odd-but-valid image files made from a real photo: PNG, WebP, GIF, grayscale, CMYK, RGBA, EXIF-rotated, 1x1, very wide."
+    rgb = Image.open(photo).convert("RGB")
+    exif = Image.Exif(); exif[0x0112] = 6
+    frames = [rgb.convert("P"), rgb.rotate(90).convert("P")]
+    gif = io.BytesIO(); frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    rgba = rgb.convert("RGBA"); rgba.putalpha(128)
+    return {
+        "photo.png": encode(rgb, "PNG"),
+        "photo.webp": encode(rgb, "WEBP"),
+        "animated.gif": gif.getvalue(),
+        "gray.jpg": encode(rgb.convert("L"), "JPEG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "rgba.png": encode(rgba, "PNG"),
+        "exif_rotated.jpg": encode(rgb, "JPEG", exif=exif),
+        "one_pixel.png": encode(Image.new("RGB", (1, 1), (200, 100, 50)), "PNG"),
+        "very_wide.jpg": encode(rgb.resize((4000, 40)), "JPEG"),
+    }
+
+
+def bomb_png() -> bytes:
+    "A tiny PNG that decodes to 60 million pixels."
+    return encode(Image.new("1", (10000, 6000)), "PNG")

@@ -1,0 +1,97 @@
+"""What can be checked of the Dockerfile and the Kubernetes manifest without a container engine:
+they parse, and every route, port and command they name really exists."""
+import configparser
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from catsdogs.config import Settings
+from catsdogs.serving import create_app
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def routes():
+    "The GET paths the app serves (the app is built, the model is not loaded)."
+    app = create_app(Settings(model_dir=REPO / "no-model-needed"))
+    return {r.path for r in app.routes if "GET" in getattr(r, "methods", set())}
+
+
+@pytest.fixture(scope="module")
+def manifests():
+    docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "kubernetes.yaml").read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    "Dockerfile instructions, continuation lines joined."
+    text = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _instruction(lines, name):
+    return [line[len(name):].strip() for line in lines if line.upper().startswith(name + " ")]
+
+
+def _console_scripts():
+    cfg = configparser.ConfigParser(delimiters=["="]); cfg.read(REPO / "settings.ini")
+    return dict(s.split("=", 1) for s in cfg["DEFAULT"]["console_scripts"].split())
+
+
+def test_manifest_kinds_and_names(manifests):
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= set(manifests)
+    deployment, service, hpa = manifests["Deployment"], manifests["Service"], manifests["HorizontalPodAutoscaler"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+
+
+def test_probes_point_at_routes_the_app_serves(manifests, routes):
+    container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] in routes, probe
+        assert get["port"] in ports or get["port"] in ports.values()
+    assert manifests["Service"]["spec"]["ports"][0]["targetPort"] in ports
+    assert set(container["resources"]) == {"requests", "limits"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    for name in (n for n in env if n.startswith("CATSDOGS_")): assert name.removeprefix("CATSDOGS_").lower() in Settings.model_fields, name
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert env["CATSDOGS_MODEL_DIR"] in mounts
+
+
+def test_dockerfile_runs_the_serve_console_script(dockerfile):
+    assert _instruction(dockerfile, "FROM") == ["python:3.11-slim"]
+    cmd = json.loads(_instruction(dockerfile, "CMD")[-1])
+    scripts = _console_scripts()
+    assert cmd[0] == "catsdogs_serve" and scripts[cmd[0]] == "catsdogs.serving:serve_cli"
+    assert shutil.which(cmd[0]), "the console script is installed in this environment"
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert any("download.pytorch.org/whl/cpu" in run for run in _instruction(dockerfile, "RUN"))
+    user = _instruction(dockerfile, "USER")
+    assert user and user[-1] not in ("root", "0")
+
+
+def test_dockerfile_healthcheck_and_port_match_the_app(dockerfile, routes, manifests):
+    healthcheck = _instruction(dockerfile, "HEALTHCHECK")[-1]
+    assert "curl" not in healthcheck and "python" in healthcheck
+    url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w*)", healthcheck)
+    assert url and url.group(2) in routes
+    exposed = int(_instruction(dockerfile, "EXPOSE")[-1])
+    cmd = json.loads(_instruction(dockerfile, "CMD")[-1])
+    assert int(url.group(1)) == exposed == int(cmd[cmd.index("--port") + 1])
+    container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert exposed in [p["containerPort"] for p in container["ports"]]
+    env = dict(kv.split("=", 1) for line in _instruction(dockerfile, "ENV") for kv in line.split() if "=" in kv)
+    assert env["CATSDOGS_MODEL_DIR"] == "/models"
