@@ -43,8 +43,9 @@ def resolve_device(name:str="auto") -> torch.device:
     return device
 
 def seed_everything(seed:int):
-    "Seed Python, NumPy and PyTorch (all devices)."
+    "Seed Python, NumPy and PyTorch (all devices), and ask cuDNN for its deterministic kernels."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
 
 def init_distributed(device:torch.device) -> tuple[int, int]:
     "Join the torchrun process group when launched by torchrun; returns `(rank, world_size)`."

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 import torch
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto, imported by catsdogs.data, without ipywidgets
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by libraries) without ipywidgets
 from catsdogs.config import Settings
 from catsdogs.data import (IMAGENET_MEAN, IMAGENET_STD, build_manifest, decode_size, demo_data_dir,
                            eval_transform, find_images, load_image, train_transform)
@@ -66,7 +66,7 @@ def _denormalise(x:torch.Tensor) -> np.ndarray:
 
 # %%
 x = eval_transform()(load_image(data_dir/manifest.path[0]))
-test_eq(_denormalise(x).shape, (224, 224, 3))
+test_eq(_denormalise(x).shape, (settings.image_size, settings.image_size, 3))
 test_eq(float(_denormalise(torch.zeros(3, 2, 2))[0, 0, 0]), float(torch.tensor(IMAGENET_MEAN[0])))
 
 # %% [markdown]
@@ -137,9 +137,10 @@ pd.DataFrame({"median": sizes[["width", "height", "shorter", "aspect"]].median()
 
 # %% [markdown]
 # Sizes vary, but most photos are small web images, at most 500 pixels on the longer side
-# (the sharp edges of the scatter), with rare larger outliers; the median is around 440×375. Resizing the shorter side to 256 and cropping 224 therefore
-# keeps most of the detail there is: the typical image is only shrunk by about 1.5×. About a
-# fifth of the images are *smaller* than 256 on the shorter side and get upsampled, a few of
+# (the sharp edges of the scatter), with rare larger outliers; the median is around 440×375.
+# The default preprocessing resizes the shorter side to 329 and crops 288 (EfficientNet-Lite0
+# transfers better above its 224-pixel training size), so the typical image is barely
+# shrunk. Over a third of the images are *smaller* than 329 on the shorter side and get upsampled, a few of
 # them heavily (the smallest are thumbnails well under 100 pixels), so the model must cope
 # with blurry inputs too; the random resized crop in training helps with that.
 #
