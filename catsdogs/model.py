@@ -157,7 +157,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path:Path) -> ModelConfig:
+        "Read `model_config.json`; the preprocessing fields must be there, never guessed."
         raw = json.loads(Path(path).read_text())
+        missing = [k for k in ("architecture", "image_size", "crop_fraction", "mean", "std", "class_names") if k not in raw]
+        if missing: raise ValueError(f"{path} lacks {', '.join(missing)}")
         known = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

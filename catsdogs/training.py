@@ -324,6 +324,9 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
     main = rank == 0
     out = Path(settings.output); ckpt_path = out/"checkpoints"/"last.pt"
     ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt:  # continue with the hyper-parameters the run started with; only where and how to run may change
+        here = {k: getattr(settings, k) for k in ("device", "num_workers", "output", "mlflow_tracking_uri", "data_dir")}
+        settings = Settings(**{**ckpt["settings"], **here})
     if prepared is None:
         prepared_dir = out/"data"
         if main: prepare(settings, prepared_dir, progress=progress)
@@ -369,7 +372,7 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
             for p in model.backbone.parameters(): p.requires_grad_(not frozen)
             n_train = len(rows["train"]) // world_size
             steps = max(1, n_train // settings.batch_size) if n_train > settings.batch_size else 1
-            stage_epochs = settings.freeze_epochs if frozen else settings.epochs - settings.freeze_epochs
+            stage_epochs = min(settings.freeze_epochs, settings.epochs) if frozen else settings.epochs - settings.freeze_epochs
             # fine-tuning: the head at 10x the backbone's rate, so the trained head is not thrown off
             groups = [{"params": list(model.head.parameters()), "lr": settings.lr if frozen else 10 * settings.backbone_lr}]
             if not frozen: groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})

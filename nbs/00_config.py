@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for the test split")
     seed: int = Field(42, description="Seed for splits, initialisation and augmentation")
     near_duplicate_distance: int = Field(4, ge=0, le=16, description="Max perceptual-hash Hamming distance for near duplicates")
-    num_workers: int = Field(0, ge=0, description="Worker processes for preparation and loading; 0: one per core")
+    num_workers: int = Field(0, ge=0, description="Worker processes; 0: automatic (preparation: one per core; loading: up to 8 on CUDA, none on CPU)")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Larger images are refused as decompression bombs")
 
     # --- images and model ---

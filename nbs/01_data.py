@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import struct
 import tempfile
 import urllib.request
 import zipfile
@@ -195,15 +196,15 @@ def load_image(source:Path|str|bytes, # A path or the file's bytes
                max_pixels:int|None=None, # Refuse larger images before decoding
               ) -> Image.Image:
     "Decode an image file into an upright RGB PIL image, or raise `ImageError`."
-    img = _open_image(source, max_pixels)
     try:
+        img = _open_image(source, max_pixels)
         if draft_size and img.format == "JPEG": img.draft("RGB", (draft_size, draft_size))
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except ImageError: raise
+    except (ImageError, FileNotFoundError): raise
     except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what PIL's many decoders raise
         raise ImageError("corrupt or truncated image", str(e)) from e
 
 
@@ -215,6 +216,7 @@ test_eq(load_image(buf.getvalue()).getpixel((0, 0)), (255, 255, 255))
 test_fail(lambda: load_image(b""), contains="empty file")
 test_fail(lambda: load_image(b"hello"), contains="not an image")
 test_fail(lambda: load_image(buf.getvalue(), max_pixels=10), contains="too many pixels")
+test_fail(lambda: load_image(buf.getvalue()[:20]), contains="corrupt or truncated")  # cut inside the PNG header
 img
 
 # %% [markdown]
@@ -384,6 +386,8 @@ def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -
     files = find_images(root, settings.class_names)
     skipped = [(p, "no class folder or class name in the file name") for p in files.path[files.label.isna()]]
     files = files[files.label.notna()]
+    if files.empty: raise ValueError(f"no file under {root} is in a class folder ({', '.join(settings.class_names)}) "
+                                     f"or has a Kaggle-style name such as {settings.class_names[0]}.1.jpg")
     facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)
     facts["label"] = files.label.values
     bad = facts.reason.notna()

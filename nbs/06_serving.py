@@ -121,11 +121,15 @@ test_eq(image_http_error(ImageError("too many pixels", "1x2 is over")).detail, "
 #| export
 _REFUSED_KINDS = ("loopback", "link_local", "multicast", "unspecified", "reserved", "private")
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
 def refusal_reason(address:str, # An IP address, as resolution returns it
                    allow_private:bool=False) -> str|None:
     "Why a fetch from `address` is refused (loopback, private, ...), or None when it is allowed."
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address): ip = ip.ipv4_mapped or ip.sixtofour or ip
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64: ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # NAT64 reaches the embedded IPv4 address
+        else: ip = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else ip)
     if allow_private: return None
     for kind in _REFUSED_KINDS:
         if getattr(ip, f"is_{kind}"): return f"{kind.replace('_', '-')} address"
@@ -135,7 +139,8 @@ def refusal_reason(address:str, # An IP address, as resolution returns it
 # %%
 for addr, kind in [("10.0.0.1", "private"), ("169.254.169.254", "link-local"), ("192.168.1.1", "private"),
                    ("::1", "loopback"), ("224.0.0.1", "multicast"), ("127.0.0.1", "loopback"),
-                   ("::ffff:10.0.0.1", "private"), ("0.0.0.0", "unspecified"), ("100.64.0.1", "non-public")]:
+                   ("::ffff:10.0.0.1", "private"), ("64:ff9b::a00:1", "private"), ("0.0.0.0", "unspecified"),
+                   ("100.64.0.1", "non-public")]:
     test_eq(refusal_reason(addr), f"{kind} address")
 test_eq(refusal_reason("93.184.216.34"), None)
 test_eq(refusal_reason("127.0.0.1", allow_private=True), None)
@@ -179,7 +184,8 @@ async def fetch_url(url:str, # http(s) URL of an image
     except (httpx.InvalidURL, TypeError) as e: raise FetchRefused(f"not a valid URL: {e}")
     for _ in range(max_redirects + 1):
         address = await _checked_address(current, resolver, guard, allow_private)
-        headers = {"Host": current.netloc.decode("ascii"), "Accept": "image/*", "User-Agent": "catsdogs"}
+        headers = {"Host": current.netloc.decode("ascii"), "Accept": "image/*", "User-Agent": "catsdogs",
+                   "Accept-Encoding": "identity"}  # no compressed bodies that inflate past the size check
         extensions = {"sni_hostname": current.host} if current.scheme == "https" else {}
         async with client.stream("GET", current.copy_with(host=address), headers=headers, extensions=extensions) as response:
             if response.is_redirect and "location" in response.headers:
@@ -284,7 +290,7 @@ async def read_multipart(request:Request,
     async for chunk in request.stream():
         try: parser.write(chunk)
         except Exception as e: raise HTTPException(400, f"malformed multipart body: {e}")
-        if len(parts) > max_files: raise HTTPException(413, f"too many files: at most {max_files} per request")
+        if sum(1 for p in parts if p.filename) > max_files: raise HTTPException(413, f"too many files: at most {max_files} per request")
         if parts and len(parts[-1].data) > max_part_bytes: raise _too_large(max_part_bytes, f"file {parts[-1].filename or parts[-1].name!r}")
         total += len(chunk)
         if total > total_limit: raise _too_large(total_limit, "the request")

@@ -34,8 +34,9 @@
 # DATA_DIR=../shared/data/PetImages-mini bash scripts/run.sh
 # ```
 #
-# It sets up `.venv`, runs `catsdogs_prepare`, `catsdogs_train` and `catsdogs_eval`, then
-# serves the model on <http://127.0.0.1:8000> (the web page; the API docs are at `/docs`).
+# It sets up `.venv`, runs `catsdogs_prepare` and `catsdogs_train` (which ends with the
+# test-split metrics), then serves the model on <http://127.0.0.1:8000> (the web page; the
+# API docs are at `/docs`).
 #
 # **Set up and run the tests** (exactly what CI runs):
 #
@@ -51,7 +52,7 @@
 # ## Using it step by step
 #
 # Activate the environment (`. .venv/bin/activate`, after `bash scripts/setup.sh`). Every
-# script takes `--help`; every option is also an environment variable `CATSDOGS_<NAME>`
+# script takes `--help`; every setting is also an environment variable `CATSDOGS_<NAME>`
 # (see `catsdogs.config.Settings`), and flags win over the environment.
 #
 # ```sh
@@ -69,7 +70,8 @@
 # `--resume` after an interruption, `--no-mlflow` to skip tracking. Browse runs with
 # `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 #
-# On several GPUs or machines, launch the same script with torchrun:
+# On several GPUs, or several machines sharing a file system for `--output`, launch the same
+# script with torchrun:
 #
 # ```sh
 # torchrun --nproc-per-node 4 --no-python catsdogs_train --data-dir DIR --output artifacts/model

@@ -13,12 +13,13 @@ python scripts/check_pairs.py
 python scripts/make_readme.py --check
 
 echo "== 2/5 package is what nbdev_export makes from the notebooks"
+snapshot() { git status --porcelain -- catsdogs nbs; git --no-pager diff -- catsdogs nbs | sha256sum; }
+before=$(snapshot)  # compared with itself, so uncommitted work that is already in sync passes
 nbdev_clean
 nbdev_export
-if [ -n "$(git status --porcelain -- catsdogs nbs)" ]; then
+if [ "$(snapshot)" != "$before" ]; then
   git status --porcelain -- catsdogs nbs
-  git --no-pager diff --stat -- catsdogs nbs
-  echo "FAIL: run scripts/sync_notebooks.sh and commit the result" >&2
+  echo "FAIL: nbdev_clean/nbdev_export changed the files above: run scripts/sync_notebooks.sh and commit the result" >&2
   exit 1
 fi
 

@@ -198,3 +198,11 @@ def test_split_of_is_seeded():
     draws = {split_of(f"g{i}", seed=1) for i in range(50)}
     assert draws == {"train", "val", "test"}
     assert [split_of(f"g{i}", seed=1) for i in range(50)] != [split_of(f"g{i}", seed=2) for i in range(50)]
+
+
+def test_a_folder_without_labels_is_a_clear_error(tmp_path):
+    (tmp_path / "kitten").mkdir()
+    (tmp_path / "kitten" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="class folder"):
+        build_manifest(tmp_path, Settings(num_workers=1), progress=False)
+

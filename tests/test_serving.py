@@ -133,12 +133,19 @@ def test_bad_files_get_clear_errors(http, photos):
     cases = [("notes.txt", b"just some text", 415, "this file is not an image"),
              ("empty.jpg", b"", 400, "the file is empty"),
              ("truncated.jpg", jpeg[:len(jpeg) // 3], 400, "the image is corrupt or truncated"),
-             ("bomb.png", bomb_png(), 413, "the image has too many pixels")]
+             ("bomb.png", bomb_png(), 413, "the image has too many pixels"),
+             ("cut_header.png", bomb_png()[:20], 400, "the image is corrupt or truncated"),
+             ("bad_header.ppm", b"P6\n4x 3\n255\n" + bytes(36), 400, "the image is corrupt or truncated")]
     for name, data, status, detail in cases:
         r = upload(http, name, data)
         assert r.status_code == status, (name, r.text)
         assert r.json()["detail"].startswith(detail), (name, r.text)
     assert http.get("/health").status_code == 200
+
+
+def test_extra_form_fields_are_ignored(http, photos):
+    r = http.post("/predict", files={"file": ("cat.jpg", photos["cat"].read_bytes(), "image/jpeg")}, data={"note": "from a form"})
+    assert r.status_code == 200, r.text
 
 
 def test_malformed_requests(http):
