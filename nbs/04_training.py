@@ -710,7 +710,7 @@ def train_cli(argv:list[str]|None=None):
     parser.add_argument("--no-mlflow", action="store_true", help="Do not track the run in MLflow")
     parser.add_argument("--stop-after-epochs", type=int, help="Stop after this many epochs, as if interrupted (then --resume)")
     settings, args = parse_settings(parser, argv)
-    if args.quick and "--image-size" not in (argv or __import__("sys").argv): settings.image_size = 96
+    if args.quick and args.image_size is None: settings.image_size = 96  # small inputs unless asked otherwise
     prepared = load_prepared(args.prepared) if args.prepared else None
     result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
                    stop_after_epochs=args.stop_after_epochs)
