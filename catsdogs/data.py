@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -295,6 +296,11 @@ def _sha256_file(path:Path, chunk:int=1 << 20) -> str:
         while block := f.read(chunk): digest.update(block)
     return digest.hexdigest()
 
+def _range_total(content_range:str|None) -> int|None:
+    "The full size in a `Content-Range` header (`bytes */1234` or `bytes 0-9/1234`), if given."
+    m = re.fullmatch(r"bytes [^/]+/(\d+)", (content_range or "").strip())
+    return int(m[1]) if m else None
+
 def download(url:str, # http(s) URL
              dest:Path, # Final file path
              sha256:str|None=None, # Expected digest, if known
@@ -306,14 +312,22 @@ def download(url:str, # http(s) URL
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if have and response.status != 206: have = 0  # server ignored the range: start again
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                            desc=f"downloading {dest.name}", disable=not progress) as bar:
-            while block := response.read(1 << 20):
-                f.write(block); bar.update(len(block))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if have and response.status != 206: have = 0  # server ignored the range: start again
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                                desc=f"downloading {dest.name}", disable=not progress) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block); bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if not (have and e.code == 416): raise
+        # nothing after byte `have`: the partial file is complete (checked below), or longer than the file: start again
+        total = _range_total(e.headers.get("Content-Range"))
+        if total != have:
+            part.unlink()
+            return download(url, dest, sha256, timeout, progress)
     size = part.stat().st_size
     if total is not None and size != total:
         raise IOError(f"download of {url} stopped at {size:,} of {total:,} bytes; run again to resume")

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     freeze_epochs: int = Field(5, ge=0, description="Epochs that train the head only, backbone frozen")
     batch_size: int = Field(32, ge=1, description="Images per training step (per process under torchrun)")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate of the head")
-    backbone_lr: float = Field(1e-4, gt=0, description="Peak learning rate of the backbone once unfrozen (the head then gets 10x)")
+    backbone_lr: float = Field(3e-5, gt=0, description="Peak learning rate of the backbone once unfrozen (the head then gets 10x)")
     weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss")
     warmup_epochs: float = Field(0.3, ge=0, description="Linear warm-up of each stage, in epochs")

@@ -34,6 +34,7 @@ import re
 import shutil
 import struct
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -473,6 +474,8 @@ prepared.version
 # Kaggle and TFDS `cats_vs_dogs` sets) into the cache once. An interrupted download resumes
 # from its `.part` file with an HTTP range request; the size is checked against the server's
 # and the sha256 against `dataset_sha256` when set, and recorded beside the zip either way.
+# A `.part` file that is already complete (the process stopped before the rename) gets HTTP 416
+# for its range; the full size in the answer's `Content-Range` tells complete from stale:
 
 # %%
 #| export
@@ -481,6 +484,11 @@ def _sha256_file(path:Path, chunk:int=1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk): digest.update(block)
     return digest.hexdigest()
+
+def _range_total(content_range:str|None) -> int|None:
+    "The full size in a `Content-Range` header (`bytes */1234` or `bytes 0-9/1234`), if given."
+    m = re.fullmatch(r"bytes [^/]+/(\d+)", (content_range or "").strip())
+    return int(m[1]) if m else None
 
 def download(url:str, # http(s) URL
              dest:Path, # Final file path
@@ -493,14 +501,22 @@ def download(url:str, # http(s) URL
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if have and response.status != 206: have = 0  # server ignored the range: start again
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                            desc=f"downloading {dest.name}", disable=not progress) as bar:
-            while block := response.read(1 << 20):
-                f.write(block); bar.update(len(block))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if have and response.status != 206: have = 0  # server ignored the range: start again
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                                desc=f"downloading {dest.name}", disable=not progress) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block); bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if not (have and e.code == 416): raise
+        # nothing after byte `have`: the partial file is complete (checked below), or longer than the file: start again
+        total = _range_total(e.headers.get("Content-Range"))
+        if total != have:
+            part.unlink()
+            return download(url, dest, sha256, timeout, progress)
     size = part.stat().st_size
     if total is not None and size != total:
         raise IOError(f"download of {url} stopped at {size:,} of {total:,} bytes; run again to resume")
@@ -537,7 +553,15 @@ def resolve_data_dir(settings:Settings, progress:bool=True) -> Path:
 
 # %% [markdown]
 # The download is exercised against a local HTTP server in `tests/test_data.py` (this
-# notebook runs offline). With a `data_dir`, nothing is downloaded:
+# notebook runs offline). The sizes it reads from a range answer:
+
+# %%
+test_eq(_range_total("bytes */1234"), 1234)
+test_eq(_range_total("bytes 1000-1233/1234"), 1234)
+test_eq(_range_total("bytes 0-9/*"), None)
+
+# %% [markdown]
+# With a `data_dir`, nothing is downloaded:
 
 # %%
 test_eq(resolve_data_dir(Settings(data_dir=data_dir)), data_dir)

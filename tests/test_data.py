@@ -144,6 +144,10 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         if (rng := self.headers.get("Range")):
             self.ranges_seen.append(rng)
             start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):  # as real servers answer a range past the end
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}"); self.send_header("Content-Length", "0")
+                self.end_headers(); return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -181,6 +185,19 @@ def test_download_resumes_and_checks_sha256(zip_server, tmp_path):
     with pytest.raises(IOError, match="sha256"):
         download(url, tmp_path / "other.zip", sha256="0" * 64, progress=False)
     assert not (tmp_path / "other.zip.part").exists()
+
+
+def test_download_finishes_a_complete_or_stale_part_file(zip_server, tmp_path):
+    url, handler = zip_server
+    payload, digest = handler.payload, hashlib.sha256(handler.payload).hexdigest()
+    complete = tmp_path / "complete.zip"
+    complete.with_name("complete.zip.part").write_bytes(payload)  # stopped after the last byte, before the rename
+    assert download(url, complete, sha256=digest, progress=False).read_bytes() == payload
+    assert handler.ranges_seen == [f"bytes={len(payload)}-"] and not complete.with_name("complete.zip.part").exists()
+    stale = tmp_path / "stale.zip"
+    stale.with_name("stale.zip.part").write_bytes(payload + b"left over from a bigger file")
+    assert download(url, stale, sha256=digest, progress=False).read_bytes() == payload  # starts again
+    assert handler.ranges_seen[1:] == [f"bytes={len(payload) + 28}-"]
 
 
 def test_prepare_from_download(zip_server, tmp_path):
