@@ -9,7 +9,9 @@ import asyncio
 import ipaddress
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -184,58 +186,62 @@ async def read_multipart(request:Request,
 
 # %% ../nbs/06_serving.ipynb #5f9458d3
 class MicroBatcher:
-    "Collect concurrently submitted image tensors into batched forward passes."
-    def __init__(self, run_batch:Callable, # list of tensors -> list of results, run in the inference thread
-                 max_batch_size:int=16, wait_ms:float=2.0):
+    "Collect concurrently submitted inputs into batches for one function run in its own thread."
+    def __init__(self, run_batch:Callable, # list of inputs -> list of results (or exceptions), run in the inference thread
+                 max_batch_size:int=16, # Most inputs per call
+                 wait_ms:float=2.0): # Most a batch smaller than the previous one waits for more inputs
         self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_ms / 1000
-        self.decoding = 0  # requests between arrival and `submit`; the loop waits for them
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="catsdogs-inference")
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self._arrived = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self.last_size = 1  # size of the previous batch
+        self.loop = asyncio.get_running_loop()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name="catsdogs-inference", daemon=True)
+        self.thread.start()
 
-    async def submit(self, x:torch.Tensor):
-        "The result for one input, computed in a shared batch."
-        future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((x, future)); self._arrived.set()
+    async def submit(self, x):
+        "The result for one input, computed in a shared batch (raised, if `run_batch` answered an exception)."
+        future = self.loop.create_future()
+        self.queue.put((x, future))
         return await future
 
     async def close(self):
-        "Stop the loop and the inference thread."
-        self._task.cancel()
-        try: await self._task
-        except asyncio.CancelledError: pass
-        self.executor.shutdown(wait=False)
+        "Stop the inference thread once it has answered what was submitted."
+        self.queue.put(None)
+        await anyio.to_thread.run_sync(self.thread.join)
 
 # %% ../nbs/06_serving.ipynb #8c741298
-async def _collect(self:MicroBatcher) -> list:
-    "The next batch: the queue's head, then more while others are decoding, until full or `wait_ms` passes."
-    batch = [await self.queue.get()]
-    deadline = asyncio.get_running_loop().time() + self.wait_s
+_STOP = None  # what `close` queues
+
+def _next_batch(self:MicroBatcher) -> list|None:
+    "The queue's head and what else is queued, waiting up to `wait_ms` while smaller than the last batch; None once closed."
+    head = self.queue.get()
+    if head is _STOP: return None
+    batch, deadline = [head], time.monotonic() + self.wait_s
     while len(batch) < self.max_batch_size:
-        if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
-        remaining = deadline - asyncio.get_running_loop().time()
-        if self.decoding == 0 or remaining <= 0: break
-        self._arrived.clear()
-        try: await asyncio.wait_for(self._arrived.wait(), remaining)
-        except TimeoutError: break
-    return [(x, f) for x, f in batch if not f.done()]
+        remaining = deadline - time.monotonic() if len(batch) < self.last_size else 0
+        try: item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+        except queue.Empty: break
+        if item is _STOP: self.queue.put(_STOP); break  # answer this batch, then stop
+        batch.append(item)
+    self.last_size = len(batch)
+    return batch
 
-async def _loop(self:MicroBatcher):
-    "Forever: collect a batch, run it in the inference thread, hand each request its result."
-    loop = asyncio.get_running_loop()
-    while True:
-        batch = await self._collect()
-        if not batch: continue
-        try: results = await loop.run_in_executor(self.executor, self.run_batch, [x for x, _ in batch])
-        except Exception as e:
-            for _, f in batch:
-                if not f.done(): f.set_exception(e)
-            continue
-        for (_, f), r in zip(batch, results):
-            if not f.done(): f.set_result(r)
+def _settle(batch:list, results:list|BaseException):
+    "On the event loop: give each waiting request its result or exception (cancelled ones are skipped)."
+    for i, (_, future) in enumerate(batch):
+        if future.done(): continue
+        r = results if isinstance(results, BaseException) else results[i]
+        if isinstance(r, BaseException): future.set_exception(r)
+        else: future.set_result(r)
 
-MicroBatcher._collect, MicroBatcher._loop = _collect, _loop
+def _work(self:MicroBatcher):
+    "The inference thread: run batches until closed."
+    while (batch := self._next_batch()) is not None:
+        try: results = self.run_batch([x for x, _ in batch])
+        except Exception as e: results = e
+        try: self.loop.call_soon_threadsafe(_settle, batch, results)
+        except RuntimeError: return  # the event loop is closed
+
+MicroBatcher._next_batch, MicroBatcher._work = _next_batch, _work
 
 # %% ../nbs/06_serving.ipynb #6665e34f
 class Metrics:
@@ -307,33 +313,38 @@ class Service:
     guard: Callable
     batcher: MicroBatcher|None = None
     client: httpx.AsyncClient|None = None
-    limiter: anyio.CapacityLimiter|None = None
+    decoder: ThreadPoolExecutor|None = None
 
     async def start(self):
-        "Create the batcher, the decode limiter and the URL client (inside the running event loop)."
+        "Create the batcher, its decode threads and the URL client (inside the running event loop)."
         s = self.settings
+        self.decoder = ThreadPoolExecutor(self.predictor.threads, thread_name_prefix="catsdogs-decode")
         self.batcher = MicroBatcher(self._run_batch, s.max_batch_size, s.batch_wait_ms)
-        self.limiter = anyio.CapacityLimiter(self.predictor.threads)
         timeout = httpx.Timeout(s.url_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
     async def stop(self):
-        await self.batcher.close(); await self.client.aclose()
+        await self.batcher.close(); await self.client.aclose(); self.decoder.shutdown(wait=False)
 
-    def _run_batch(self, xs:list[torch.Tensor]) -> list[Prediction]:
-        "One forward pass (in the inference thread), recorded in the metrics."
+    def _decode(self, data:bytes) -> torch.Tensor|ImageError:
+        "The model input for `data`, or the `ImageError` saying why there is none."
+        try: return self.predictor.preprocess(data, self.settings.max_image_pixels)
+        except ImageError as e: return e
+
+    def _run_batch(self, datas:list[bytes]) -> list[Prediction|ImageError]:
+        "Decode a batch in parallel, then one forward pass of the images that decoded (in the inference thread)."
+        decoded = [self._decode(datas[0])] if len(datas) == 1 else list(self.decoder.map(self._decode, datas))
+        good = [x for x in decoded if isinstance(x, torch.Tensor)]
+        if not good: return decoded
         start = time.perf_counter()
-        out = self.predictor.predict_tensors(torch.stack(xs))
-        self.metrics.inference.observe(time.perf_counter() - start); self.metrics.batch_size.observe(len(xs))
-        return out
+        predictions = iter(self.predictor.predict_tensors(torch.stack(good)))
+        self.metrics.inference.observe(time.perf_counter() - start); self.metrics.batch_size.observe(len(good))
+        return [next(predictions) if isinstance(x, torch.Tensor) else x for x in decoded]
 
     async def predict_bytes(self, data:bytes) -> PredictionOut:
-        "Decode in a worker thread, predict in a shared batch; bad images raise a 4xx `HTTPException`."
-        self.batcher.decoding += 1
-        try: x = await anyio.to_thread.run_sync(self.predictor.preprocess, data, self.settings.max_image_pixels, limiter=self.limiter)
+        "Decode and predict in a shared batch, off the event loop; bad images raise a 4xx `HTTPException`."
+        try: p = await self.batcher.submit(data)
         except ImageError as e: raise image_http_error(e) from None
-        finally: self.batcher.decoding -= 1
-        p = await self.batcher.submit(x)
         self.metrics.predictions.labels(p.label).inc()
         return PredictionOut(**p.to_dict(), model_version=self.predictor.model_version)
 

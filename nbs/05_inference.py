@@ -300,7 +300,7 @@ predictor, predictor.timings
 #
 # `preprocess` is the only path from bytes to a model input, and `predict_tensors` the only
 # forward pass; `predict` and `predict_batch` join the two. The server calls the two halves
-# separately, so decoding runs in parallel threads while one forward pass serves many requests.
+# separately: it decodes a batch of requests in parallel threads, then runs one forward pass.
 
 # %%
 #| export
