@@ -4,12 +4,13 @@
     python benchmarks/bench_serve.py --make-demo-artifact        # untrained EfficientNet-Lite0 head
 
 Starts `catsdogs_serve` on 127.0.0.1 as a subprocess, posts real JPEGs from
-../shared/data/PetImages-mini at each concurrency (bounded by --requests and --seconds), and prints
-requests/s, p50/p95/p99 latency and errors next to the in-process ceiling (decode + preprocess +
-batched forward of the same images, same backend, same cores) and one image's in-process time.
-Targets: at concurrency 8, >= 80% of the ceiling with zero errors; at concurrency 1, p50 <= 1.5x
-the single-image in-process time. Client and server share the machine, so the figures include
-the client's own CPU use and anything else running.
+../shared/data/PetImages-mini at each concurrency (bounded by --requests and --seconds), and
+prints requests/s, p50/p95/p99 latency, errors and the server's mean batch size next to the
+in-process ceiling (decode + preprocess + batched forward of the same images, same backend,
+same cores) and one image's in-process time. Targets: at concurrency 8, >= 80% of the ceiling
+with zero errors; at concurrency 1, p50 <= 1.5x the single-image in-process time. Client and
+server share the machine, so the figures include the client's own CPU use and anything else
+running.
 """
 import argparse
 import asyncio
@@ -154,6 +155,22 @@ async def load_test(port: int, images: list[tuple[str, bytes]], concurrency: int
             "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99))}
 
 
+def images_and_batches(port: int) -> tuple[float, float]:
+    "Images run and forward passes so far, from the server's Prometheus batch-size histogram."
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("catsdogs_inference_batch_size_")}
+    return values["catsdogs_inference_batch_size_sum"], values["catsdogs_inference_batch_size_count"]
+
+
+def measure(port: int, images, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    "One load level, with the mean batch size the server formed during it."
+    images_before, passes_before = images_and_batches(port)
+    result = asyncio.run(load_test(port, images, concurrency, max_requests, max_seconds))
+    images_after, passes_after = images_and_batches(port)
+    result["mean_batch"] = (images_after - images_before) / max(1, passes_after - passes_before)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "artifacts" / "model", help="Model artifact directory")
@@ -182,14 +199,14 @@ def main(argv=None):
         with socket.socket() as s: s.bind(("127.0.0.1", 0)); args.port = s.getsockname()[1]
     server = start_server(model, ref["backend"], args.port, args.server_arg)
     try:
-        results = [asyncio.run(load_test(args.port, images, c, args.requests, args.seconds)) for c in args.concurrency]
+        results = [measure(args.port, images, c, args.requests, args.seconds) for c in args.concurrency]
     finally:
         server.terminate(); server.wait(timeout=20)
 
-    print(f"\n{'conc':>5} {'requests':>8} {'req/s':>8} {'% ceil':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"\n{'conc':>5} {'requests':>8} {'req/s':>8} {'% ceil':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6}")
     for r in results:
         print(f"{r['concurrency']:>5} {r['requests']:>8} {r['rps']:>8.1f} {100 * r['rps'] / ref['ceiling_rps']:>6.0f}% "
-              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6}")
+              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6} {r['mean_batch']:>6.1f}")
     by_c = {r["concurrency"]: r for r in results}
     ok = True
     if 8 in by_c:
