@@ -114,12 +114,13 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
     return status, body, headers.get("connection", "").strip() != "close"
 
 
-async def load_test(port: int, images: list[tuple[str, bytes]], concurrency: int, max_requests: int, max_seconds: float) -> dict:
+async def load_test(port: int, images: list[tuple[str, bytes]], concurrency: int, max_requests: int, max_seconds: float,
+                    timeout: float = 60) -> dict:
     """Post images with `concurrency` requests in flight until `max_requests` or `max_seconds`; latency and errors.
 
     Like `wrk`, the load generator writes pre-built requests on raw keep-alive connections and reads
     the responses with little parsing, so it takes a small share of the cores it shares with the server.
-    A request counts as an error unless it answers 200 with a JSON prediction."""
+    A request counts as an error unless it answers 200 with a JSON prediction within `timeout` seconds."""
     latencies, errors, sent = [], 0, 0
     requests = encode_requests(images, port)
     ready = asyncio.Barrier(concurrency)  # every connection open and warmed before the clock starts
@@ -129,22 +130,25 @@ async def load_test(port: int, images: list[tuple[str, bytes]], concurrency: int
         nonlocal sent, errors
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            try: await exchange(reader, writer, requests[0])  # warm-up, not counted
-            except (OSError, ValueError, asyncio.IncompleteReadError): pass  # the first counted request shows it
+            try: await asyncio.wait_for(exchange(reader, writer, requests[0]), timeout)  # warm-up, not counted
+            except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError):
+                writer.close(); reader, writer = await asyncio.open_connection("127.0.0.1", port)
             await ready.wait()
             clock.setdefault("start", time.perf_counter())  # the first one through starts the clock
             while sent < max_requests and time.perf_counter() < clock["start"] + max_seconds:
                 request = requests[sent % len(requests)]; sent += 1
                 start = time.perf_counter()
                 try:
-                    status, body, keep = await exchange(reader, writer, request)
+                    status, body, keep = await asyncio.wait_for(exchange(reader, writer, request), timeout)
                     ok = status == 200 and b'"label"' in body
-                except (OSError, ValueError, asyncio.IncompleteReadError):
+                except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError):
                     ok, keep = False, False
                 latencies.append(time.perf_counter() - start)
                 errors += not ok
-                if not keep:
-                    writer.close(); reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if not keep:  # a fresh connection; if the server is gone, this worker stops (its errors are counted)
+                    writer.close()
+                    try: reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    except OSError: return
         finally:
             writer.close()
 
@@ -163,7 +167,7 @@ def images_and_batches(port: int) -> tuple[float, float]:
 
 
 def measure(port: int, images, concurrency: int, max_requests: int, max_seconds: float) -> dict:
-    "One load level, with the mean batch size the server formed during it."
+    "One load level, with the mean batch size the server formed during it (warm-up requests included; one worker)."
     images_before, passes_before = images_and_batches(port)
     result = asyncio.run(load_test(port, images, concurrency, max_requests, max_seconds))
     images_after, passes_after = images_and_batches(port)

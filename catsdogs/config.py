@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10_000_000, gt=0, description="Largest accepted upload or URL download, in bytes")
     max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request")
     max_batch_size: int = Field(16, ge=1, description="Most images in one micro-batched forward pass")
-    batch_wait_ms: float = Field(2.0, ge=0, description="Most a micro-batch smaller than the previous one waits for more requests (a lone client never waits)")
+    batch_wait_ms: float = Field(2.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
     allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
 

@@ -513,7 +513,7 @@ def download(url:str, # http(s) URL
     except urllib.error.HTTPError as e:
         if not (have and e.code == 416): raise
         # nothing after byte `have`: the partial file is complete (checked below), or longer than the file: start again
-        total = _range_total(e.headers.get("Content-Range"))
+        total = _range_total(e.headers.get("Content-Range")); e.close()
         if total != have:
             part.unlink()
             return download(url, dest, sha256, timeout, progress)

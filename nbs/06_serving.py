@@ -26,8 +26,7 @@
 #   buffered whole first; `load_image` refuses decompression bombs before decoding;
 # - images are decoded and run through the model off the event loop; a **micro-batcher** gives
 #   requests that arrive together one decode-then-forward pass, so decoding never fights the
-#   forward pass for the cores (on 2 cores at concurrency 8: 92 requests/s, against 88 with
-#   decoding in threads of its own beside the forward pass);
+#   forward pass for the cores;
 # - URL fetches accept only http(s), time out, obey the same size limit, and refuse loopback,
 #   private, link-local, multicast and reserved addresses after DNS resolution and on every
 #   redirect hop, connecting to the very address that was checked (no DNS rebinding);
@@ -312,18 +311,22 @@ async def read_multipart(request:Request,
 # answered tend to send their next request at once, so while a batch is smaller than the one
 # before it, the thread waits up to `wait_ms` for more. Without it, eight clients settle into
 # batches of 7 and 1 (measured), and a batch of one costs a third more per image; with it they
-# share batches of 8. A lone client never waits: its previous batch had one image.
+# share batches of 8. A lone client does not wait: after its first request, the batch before
+# its own had one image.
 # `run_batch` may answer an exception for one input: only that request fails.
 
 # %%
 #| export
+class BatcherClosed(RuntimeError):
+    "Raised to requests submitted once the batcher is shutting down."
+
 class MicroBatcher:
     "Collect concurrently submitted inputs into batches for one function run in its own thread."
     def __init__(self, run_batch:Callable, # list of inputs -> list of results (or exceptions), run in the inference thread
                  max_batch_size:int=16, # Most inputs per call
                  wait_ms:float=2.0): # Most a batch smaller than the previous one waits for more inputs
         self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_ms / 1000
-        self.last_size = 1  # size of the previous batch
+        self.last_size, self.closed = 1, False  # size of the previous batch; set by `close`
         self.loop = asyncio.get_running_loop()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._work, name="catsdogs-inference", daemon=True)
@@ -331,12 +334,14 @@ class MicroBatcher:
 
     async def submit(self, x):
         "The result for one input, computed in a shared batch (raised, if `run_batch` answered an exception)."
+        if self.closed or not self.thread.is_alive(): raise BatcherClosed("the server is shutting down")
         future = self.loop.create_future()
         self.queue.put((x, future))
         return await future
 
     async def close(self):
-        "Stop the inference thread once it has answered what was submitted."
+        "Answer what was submitted, then stop the inference thread; later submissions raise `BatcherClosed`."
+        self.closed = True
         self.queue.put(None)
         await anyio.to_thread.run_sync(self.thread.join)
 
@@ -364,18 +369,33 @@ def _settle(batch:list, results:list|BaseException):
     for i, (_, future) in enumerate(batch):
         if future.done(): continue
         r = results if isinstance(results, BaseException) else results[i]
+        if isinstance(r, StopIteration): r = RuntimeError(repr(r))  # a future refuses StopIteration
         if isinstance(r, BaseException): future.set_exception(r)
         else: future.set_result(r)
 
-def _work(self:MicroBatcher):
-    "The inference thread: run batches until closed."
-    while (batch := self._next_batch()) is not None:
-        try: results = self.run_batch([x for x, _ in batch])
-        except Exception as e: results = e
-        try: self.loop.call_soon_threadsafe(_settle, batch, results)
-        except RuntimeError: return  # the event loop is closed
+def _run_one(self:MicroBatcher, batch:list) -> list|BaseException:
+    "`run_batch` on the inputs of `batch`: its results, or the exception that stopped it."
+    try: results = self.run_batch([x for x, _ in batch])
+    except BaseException as e: return e
+    if len(results) != len(batch): return RuntimeError(f"run_batch gave {len(results)} results for {len(batch)} inputs")
+    return results
 
-MicroBatcher._next_batch, MicroBatcher._work = _next_batch, _work
+def _work(self:MicroBatcher):
+    "The inference thread: run batches until closed, then fail whatever is still queued."
+    try:
+        while (batch := self._next_batch()) is not None:
+            batch = [(x, f) for x, f in batch if not f.cancelled()]  # the client went away: skip the work
+            if batch: self.loop.call_soon_threadsafe(_settle, batch, self._run_one(batch))
+    except RuntimeError: return  # the event loop is closed
+    finally:
+        left = []
+        while True:
+            try: item = self.queue.get_nowait()
+            except queue.Empty: break
+            if item is not _STOP: left.append(item)
+        if left and not self.loop.is_closed(): self.loop.call_soon_threadsafe(_settle, left, BatcherClosed("the server is shutting down"))
+
+MicroBatcher._next_batch, MicroBatcher._run_one, MicroBatcher._work = _next_batch, _run_one, _work
 
 # %% [markdown]
 # Eight requests submitted together share few batches, and a bad input fails only its own request:
@@ -412,6 +432,8 @@ await batcher.submit(4); sizes.clear()  # alone, after waiting for a partner: th
 start = time.perf_counter(); await batcher.submit(5)
 test_eq((sizes, time.perf_counter() - start < 0.2), ([1], True))
 await batcher.close()
+try: await batcher.submit(6); raise AssertionError("accepted after close")
+except BatcherClosed as e: test_eq(str(e), "the server is shutting down")
 
 
 # %% [markdown]
@@ -519,10 +541,10 @@ class Service:
     async def stop(self):
         await self.batcher.close(); await self.client.aclose(); self.decoder.shutdown(wait=False)
 
-    def _decode(self, data:bytes) -> torch.Tensor|ImageError:
-        "The model input for `data`, or the `ImageError` saying why there is none."
+    def _decode(self, data:bytes) -> torch.Tensor|Exception:
+        "The model input for `data`, or the error (an `ImageError` for bad images) that fails this request alone."
         try: return self.predictor.preprocess(data, self.settings.max_image_pixels)
-        except ImageError as e: return e
+        except Exception as e: return e
 
     def _run_batch(self, datas:list[bytes]) -> list[Prediction|ImageError]:
         "Decode a batch in parallel, then one forward pass of the images that decoded (in the inference thread)."
@@ -538,6 +560,7 @@ class Service:
         "Decode and predict in a shared batch, off the event loop; bad images raise a 4xx `HTTPException`."
         try: p = await self.batcher.submit(data)
         except ImageError as e: raise image_http_error(e) from None
+        except BatcherClosed as e: raise HTTPException(503, str(e)) from None
         self.metrics.predictions.labels(p.label).inc()
         return PredictionOut(**p.to_dict(), model_version=self.predictor.model_version)
 
