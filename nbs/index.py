@@ -120,7 +120,7 @@
 # | data preparation | `python benchmarks/bench_prepare.py` | about 500 to 900 files/s (decode, sha256, perceptual hash, duplicates, split; target 400) |
 # | training on the sample, CPU | `python benchmarks/bench_train.py` | 352 s wall end to end (target 600); fine-tuning at 12 to 14 images/s, about 2 minutes per epoch; test accuracy 98.98% (195 of 197; target 98.5%), log loss 0.042, ROC AUC 0.9995, ECE 0.011 |
 # | training, one H100 | `python benchmarks/bench_train.py --data-dir <sample re-encoded at a 329 px short side> -- --no-mlflow` | 90 s wall, 350 to 400 images/s per epoch; test accuracy 98.3% (173 of 176; re-encoding regroups near duplicates, so the split differs) |
-# | serving, CPU | `python benchmarks/bench_serve.py --model artifacts/model` | concurrency 1: p50 13.5 to 14.3 ms (one image in-process: 12.2 ms; target 1.5x); concurrency 8: 86 to 90 req/s, 80% to 86% of the in-process ceiling of 106 images/s (target 80%), no errors; concurrency 32: 93 req/s, 88% |
+# | serving, CPU | `python benchmarks/bench_serve.py --model artifacts/model` | concurrency 1: p50 13 to 14 ms (one image in-process: 11.6 to 12.3 ms; target 1.5x); concurrency 8: 86 to 91 req/s, 80% to 86% of the in-process ceiling of 106 to 111 images/s (target 80%), no errors; concurrency 32: 93 to 100 req/s, 88% to 90% |
 #
 # The sample's test split has only about 200 images, so one photo is half a point of
 # accuracy (the same recipe scored 98.3% to 99.5% on other seeded splits, trained on an H100). The hyper-parameters
