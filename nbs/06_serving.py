@@ -342,7 +342,7 @@ class MicroBatcher:
     async def close(self):
         "Answer what was submitted, then stop the inference thread; later submissions raise `BatcherClosed`."
         self.closed = True
-        self.queue.put(None)
+        self.queue.put(_STOP)
         await anyio.to_thread.run_sync(self.thread.join)
 
 
