@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     near_duplicate_distance: int = Field(4, ge=0, le=16, description="Max perceptual-hash Hamming distance for near duplicates")
     num_workers: int = Field(0, ge=0, description="Worker processes; 0: automatic (preparation: one per core; loading: up to 8 on CUDA, none on CPU)")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Larger images are refused as decompression bombs")
+    ood_dir: Path | None = Field(None, description="Optional folder of photos that show neither a cat nor a dog (any layout): open-set metrics on them")
 
     # --- images and model ---
     image_size: int = Field(288, ge=32, description="Side of the square model input (EfficientNet-Lite0 transfers best above its 224 training size)")
@@ -66,11 +67,18 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = Field(default_factory=_default_tracking_uri, description="MLflow tracking URI (also read from MLFLOW_TRACKING_URI)")
     experiment_name: str = Field("catsdogs", description="MLflow experiment name")
     registered_model_name: str = Field("catsdogs", description="Name in the MLflow Model Registry")
+    open_set_keep_rate: float = Field(0.99, gt=0, le=1, description="Share of validation cats and dogs the 'neither' threshold keeps")
+    open_set_k: int = Field(5, ge=1, description="Open-set head: similarity to the k-th nearest training photo")
+    open_set_bank_size: int = Field(4096, ge=1, description="Open-set head: most training features kept for the nearest-neighbour search")
+    open_set_slope: float = Field(3.0, gt=0, description="Open-set head: Platt slope from score to p_cat_or_dog (fitted in development)")
+    open_set_offset: float = Field(6.0, description="Open-set head: Platt offset from score to p_cat_or_dog (fitted in development)")
 
     # --- inference and serving ---
     model_dir: Path = Field(Path("artifacts/model"), description="Model artifact directory to serve")
     backend: Literal["auto", "onnx", "torchscript", "eager"] = Field("auto", description="Inference backend; auto: fastest that matches eager")
     tta: bool = Field(False, description="Average the prediction of the image and its mirror")
+    open_set: bool = Field(True, description="Answer 'neither' for photos that show no cat or dog; --no-open-set: always cat or dog")
+    open_set_threshold: float | None = Field(None, ge=0, le=1, description="Answer 'neither' below this p_cat_or_dog; unset: the model artifact's threshold")
     threads: int = Field(0, ge=0, description="Inference threads; 0: one per core")
     host: str = Field("127.0.0.1", description="Address the server binds")
     port: int = Field(8000, ge=0, le=65535, description="Port the server binds")

@@ -27,7 +27,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .config import Settings, get_settings, parse_settings, settings_parser
@@ -295,21 +295,34 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
 
 # %% ../nbs/06_serving.ipynb #c297d062
+_DOCS = {"label": '"cat", "dog", or "neither" when the photo does not look like a cat or a dog (a 200 answer, not an error)',
+         "confidence": 'Probability of `label`: P(that class | a cat or a dog), or 1 - p_cat_or_dog for "neither"',
+         "probabilities": "Each class's calibrated probability, given that the photo shows a cat or a dog",
+         "p_dog": "P(dog | a cat or a dog)",
+         "p_cat_or_dog": "Calibrated probability that the photo shows a cat or a dog at all; null when the open set is off"}
+
 class PredictionOut(BaseModel):
     "The answer for one image."
-    label: str
-    confidence: float
-    probabilities: dict[str, float]
-    p_dog: float
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"label": "dog", "confidence": 0.993, "probabilities": {"cat": 0.007, "dog": 0.993}, "p_dog": 0.993,
+         "p_cat_or_dog": 0.998, "model_version": "3f2c9a1b7d4e"},
+        {"label": "neither", "confidence": 0.991, "probabilities": {"cat": 0.62, "dog": 0.38}, "p_dog": 0.38,
+         "p_cat_or_dog": 0.009, "model_version": "3f2c9a1b7d4e"}]})
+    label: str = Field(description=_DOCS["label"])
+    confidence: float = Field(description=_DOCS["confidence"])
+    probabilities: dict[str, float] = Field(description=_DOCS["probabilities"])
+    p_dog: float = Field(description=_DOCS["p_dog"])
+    p_cat_or_dog: float|None = Field(None, description=_DOCS["p_cat_or_dog"])
     model_version: str
 
 class BatchItem(BaseModel):
     "One file of a batch: its prediction, or the error that stopped it."
     filename: str
-    label: str|None = None
-    confidence: float|None = None
-    probabilities: dict[str, float]|None = None
-    p_dog: float|None = None
+    label: str|None = Field(None, description=_DOCS["label"])
+    confidence: float|None = Field(None, description=_DOCS["confidence"])
+    probabilities: dict[str, float]|None = Field(None, description=_DOCS["probabilities"])
+    p_dog: float|None = Field(None, description=_DOCS["p_dog"])
+    p_cat_or_dog: float|None = Field(None, description=_DOCS["p_cat_or_dog"])
     error: str|None = None
     status: int = 200
 
@@ -483,17 +496,18 @@ def _add_routes(app:FastAPI, page:str):
         p, c = service.predictor, service.predictor.config
         return {"status": "ready", "model": c.architecture, "architecture": c.architecture, "model_version": p.model_version,
                 "code_version": c.code_version, "created": c.created, "dataset_version": c.dataset_version,
-                "backend": p.backend, "tta": p.tta, "class_names": list(c.class_names), "metrics": c.metrics}
+                "backend": p.backend, "tta": p.tta, "class_names": list(c.class_names), "metrics": c.metrics,
+                "open_set": p.open_set is not None, "open_set_threshold": p.threshold if p.open_set is not None else None}
 
     @app.post("/predict", response_model=PredictionOut, openapi_extra=_IMAGE_FORMS, responses=_ERRORS)
     async def predict(request:Request, service:ServiceDep,
                       url:Annotated[str|None, Query(description="http(s) URL of an image to fetch")]=None) -> PredictionOut:
-        "Cat or dog for one image: a multipart `file`, a raw image body, `?url=` or JSON `{\"url\": ...}`."
+        "Cat, dog or neither for one image: a multipart `file`, a raw image body, `?url=` or JSON `{\"url\": ...}`."
         return await service.predict_bytes(await _image_bytes(request, service, url))
 
     @app.post("/predict/batch", response_model=BatchOut, openapi_extra=_BATCH_FORM, responses=_ERRORS)
     async def predict_batch(request:Request, service:ServiceDep, settings:SettingsDep) -> BatchOut:
-        "Cat or dog for each of several multipart `files`; a bad file gets its own error."
+        "Cat, dog or neither for each of several multipart `files`; a bad file gets its own error."
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise HTTPException(415, "send multipart/form-data with one or more 'files' fields")
         parts = await read_multipart(request, settings.max_upload_bytes, settings.max_batch_files)
@@ -514,7 +528,8 @@ def _add_routes(app:FastAPI, page:str):
 
 # %% ../nbs/06_serving.ipynb #7cf31c12
 _SERVE_FLAGS = ["model_dir", "backend", "tta", "threads", "host", "port", "workers", "max_upload_bytes", "max_batch_files",
-                "max_batch_size", "batch_wait_ms", "url_timeout_s", "allow_private_urls", "max_image_pixels"]
+                "max_batch_size", "batch_wait_ms", "url_timeout_s", "allow_private_urls", "max_image_pixels", "open_set",
+                "open_set_threshold"]
 
 def app_from_env() -> FastAPI:
     "The app configured from `CATSDOGS_*` variables (uvicorn factory for `--workers` > 1)."
@@ -524,7 +539,8 @@ def _to_env(settings:Settings, names:list[str]):
     "Export the named settings as `CATSDOGS_*` variables for worker processes."
     for name in names:
         value = getattr(settings, name)
-        os.environ[f"CATSDOGS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        if value is None: os.environ.pop(f"CATSDOGS_{name.upper()}", None)
+        else: os.environ[f"CATSDOGS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
 
 def serve_cli(argv:list[str]|None=None):
     "Console script `catsdogs_serve`: serve the model over HTTP with uvicorn."

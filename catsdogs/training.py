@@ -25,13 +25,14 @@ from tqdm import tqdm
 from .config import Settings, parse_settings, settings_parser
 from .data import (ImageDataset, PreparedData, decode_size, eval_transform, find_images, load_image,
                            load_prepared, prepare, train_transform)
-from .model import CatsDogsNet, ModelConfig, build_model, export_artifact, get_backbone, load_model
+from .model import (CatsDogsNet, ModelConfig, OpenSetConfig, build_model, export_artifact, fit_open_set, get_backbone,
+                            load_model)
 
 # %% auto #0
 __all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'epoch_seed', 'make_loader', 'warmup_cosine',
            'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature',
-           'expected_calibration_error', 'classification_metrics', 'save_figures', 'save_checkpoint', 'load_checkpoint',
-           'Tracker', 'TrainResult', 'train', 'evaluate_folder', 'eval_cli', 'train_cli']
+           'expected_calibration_error', 'classification_metrics', 'save_figures', 'open_set_figures',
+           'save_checkpoint', 'load_checkpoint', 'Tracker', 'TrainResult', 'train', 'train_cli']
 
 # %% ../nbs/04_training.ipynb #90e829af
 def resolve_device(name:str="auto") -> torch.device:
@@ -129,15 +130,9 @@ def evaluate(model:nn.Module, loader, device:torch.device, progress:bool=False) 
             "accuracy": (logits.argmax(1) == targets).float().mean().item()}
 
 # %% ../nbs/04_training.ipynb #c60ada71
-@torch.no_grad()
 def extract_features(backbone:nn.Module, loader, device:torch.device, progress:bool=True) -> TensorDataset:
     "Backbone features and targets of every image in `loader`, as a CPU `TensorDataset`."
-    backbone.eval()
-    feats, targets = [], []
-    for x, y in tqdm(loader, desc="features", leave=False, disable=not progress):
-        with _autocast(device): feats.append(backbone(_to_device(x, device)).float().cpu())
-        targets.append(y)
-    return TensorDataset(torch.cat(feats), torch.cat(targets))
+    return TensorDataset(*predict_logits(backbone, loader, device, progress, "features"))
 
 # %% ../nbs/04_training.ipynb #feaa05f8
 def fit_temperature(logits:torch.Tensor, targets:torch.Tensor, max_iter:int=100) -> float:
@@ -222,6 +217,39 @@ def save_figures(out:Path, history:list[dict], probs:np.ndarray, targets:np.ndar
         ax.set_title(f"{Path(paths[i]).name}\ntrue {class_names[targets[i]]}, P={true_prob[i]:.2f}", fontsize=8)
     save(fig, "worst_mistakes.png")
     return written
+
+# %% ../nbs/04_training.ipynb #a1e9fca1
+def _log_odds(p:np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
+    return np.log(p) - np.log1p(-p)
+
+def open_set_figures(out:Path, # Folder for the PNGs
+                     p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dogs
+                     p_outliers:np.ndarray, # p_cat_or_dog of photos of neither
+                     threshold:float, pet_paths:list[Path], outlier_paths:list[Path], n_gallery:int=6) -> list[Path]:
+    "Write the score histograms (PNG) and the gallery of the hardest outliers and pets (JPEG) to `out`; returns their paths."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    pets, outliers = _log_odds(p_pets), _log_odds(p_outliers)
+    bins = np.linspace(min(pets.min(), outliers.min()), max(pets.max(), outliers.max()), 60)
+    ax.hist(pets, bins, alpha=0.6, density=True, label=f"cats and dogs ({len(pets)})")
+    ax.hist(outliers, bins, alpha=0.6, density=True, label=f"neither ({len(outliers)})")
+    ax.axvline(_log_odds(threshold), color="k", linestyle="--", label=f"threshold (p = {threshold:.2f})")
+    ax.set(xlabel="log-odds of p_cat_or_dog", ylabel="density", title="open-set score"); ax.legend(fontsize=8)
+    fig.tight_layout(); fig.savefig(out/"open_set_scores.png", dpi=72); plt.close(fig)
+    hardest = [(outlier_paths[i], p_outliers[i]) for i in np.argsort(-np.asarray(p_outliers))[:n_gallery]]
+    hardest += [(pet_paths[i], p_pets[i]) for i in np.argsort(p_pets)[:n_gallery]]
+    fig, axes = plt.subplots(2, n_gallery, figsize=(1.7 * n_gallery, 4), squeeze=False)
+    for ax in axes.flat: ax.axis("off")
+    for ax, (path, p) in zip(axes.flat, hardest):
+        ax.imshow(load_image(path, draft_size=128).resize((128, 128)))
+        ax.set_title(f"{Path(path).parent.name}\np={p:.2f} {'passes' if p >= threshold else 'refused'}", fontsize=7)
+    axes[0, 0].text(-0.1, 0.5, "neither,\nhighest", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=8)
+    axes[1, 0].text(-0.1, 0.5, "cats, dogs,\nlowest", transform=axes[1, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.tight_layout(); fig.savefig(out/"open_set_gallery.jpg", dpi=72, pil_kwargs={"quality": 80}); plt.close(fig)
+    return [out/"open_set_scores.png", out/"open_set_gallery.jpg"]
 
 # %% ../nbs/04_training.ipynb #04adcb79
 def save_checkpoint(path:Path, **state):
@@ -435,83 +463,68 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
     return result
 
 # %% ../nbs/04_training.ipynb #b50d090c
-def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:dict, device:torch.device,
-            history:list, tracker:Tracker, stopped_early:bool, progress:bool) -> TrainResult:
+def _split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
+                    progress:bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
+    "Final backbone features, targets and paths of each split, computed with the eval transform."
     spec = get_backbone(settings.architecture)
     tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
-    val_logits, val_targets = predict_logits(model, make_loader(rows["val"], prepared.root, tf_eval, settings, device), device, progress, "val")
+    out = {}
+    for split in ("train", "val", "test"):
+        loader = make_loader(rows[split], root, tf_eval, settings, device)
+        out[split] = (*predict_logits(model.backbone, loader, device, progress, split), loader.dataset.paths)
+    return out
+
+def _fit_open_set(model:CatsDogsNet, features:dict, settings:Settings) -> OpenSetConfig:
+    "Fit the open-set head on the train and val features (the model on the CPU)."
+    return fit_open_set(model.open_set, features["train"][0], features["val"][0], settings.open_set_keep_rate, settings.open_set_k,
+                        settings.open_set_bank_size, settings.open_set_slope, settings.open_set_offset, settings.seed)
+
+@torch.no_grad()
+def _open_set_test_metrics(model:CatsDogsNet, open_set:OpenSetConfig, test_features:torch.Tensor, probs:np.ndarray,
+                           targets:np.ndarray) -> dict:
+    "Share of test cats and dogs kept at the threshold, and the accuracy among those kept."
+    kept = open_set.probability(model.open_set(test_features).numpy()) >= open_set.threshold
+    correct = probs.argmax(1) == targets
+    return {"open_set_kept": float(kept.mean()), "accuracy_kept": float(correct[kept].mean()) if kept.any() else float("nan")}
+
+def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:dict, device:torch.device,
+            history:list, tracker:Tracker, stopped_early:bool, progress:bool) -> TrainResult:
+    features = _split_features(model, rows, prepared.root, settings, device, progress)
+    model = model.cpu().eval()
+    with torch.no_grad(): val_logits, test_logits = (model.head(features[s][0]) for s in ("val", "test"))
+    (_, val_targets, _), (test_features, test_targets, test_paths) = features["val"], features["test"]
     temperature = fit_temperature(val_logits, val_targets)
-    test_loader = make_loader(rows["test"], prepared.root, tf_eval, settings, device)
-    test_logits, test_targets = predict_logits(model, test_loader, device, progress, "test")
     probs = torch.softmax(test_logits / temperature, 1).numpy()
     metrics = classification_metrics(probs, test_targets.numpy())
     metrics["uncalibrated_log_loss"] = nn.functional.cross_entropy(test_logits, test_targets).item()
+    open_set = _fit_open_set(model, features, settings)
+    metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
     out = Path(settings.output)
-    figures = save_figures(out/"figures", history, probs, test_targets.numpy(), test_loader.dataset.paths, settings.class_names)
+    figures = save_figures(out/"figures", history, probs, test_targets.numpy(), test_paths, settings.class_names)
     config = ModelConfig.for_backbone(settings.architecture, image_size=settings.image_size, crop_fraction=settings.crop_fraction,
-                                      class_names=tuple(settings.class_names), temperature=temperature,
+                                      class_names=tuple(settings.class_names), temperature=temperature, open_set=open_set,
                                       dataset_version=prepared.version, metrics=metrics)
-    example = next(iter(test_loader))[0][:2]
+    spec = get_backbone(settings.architecture)
+    tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
+    example = torch.stack([tf_eval(load_image(p, decode_size(settings.image_size, settings.crop_fraction))) for p in test_paths[:2]])
     export_artifact(model, out, config, example=example)
     print("test: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" (n={metrics['n_images']}, T={temperature:.3f})")
+    print(f"open set: threshold p_cat_or_dog {open_set.threshold:.3f} keeps {open_set.val_kept:.1%} of validation "
+          f"and {metrics['open_set_kept']:.1%} of test cats and dogs")
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-    tracker.log_metrics({"temperature": temperature})
+    tracker.log_metrics({"temperature": temperature, "open_set_threshold": open_set.threshold, "open_set_val_kept": open_set.val_kept})
     if tracker.enabled:
         tracker.log_artifacts(out/"figures", "figures")
         for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"): tracker.mlflow.log_artifact(str(out/name), "artifact")
-        tracker.log_model(model.cpu().eval(), example)
+        tracker.log_model(model, example)
         (out/"mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": settings.mlflow_tracking_uri}) + "\n")
     tracker.end()
     return TrainResult(out, config, tracker.run_id, history, stopped_early)
 
-# %% ../nbs/04_training.ipynb #05ea2228
-def evaluate_folder(model_dir:Path, # A model artifact
-                    data_dir:Path, # One subfolder per class (or Kaggle-style names)
-                    batch_size:int=32, progress:bool=True) -> dict:
-    "Metrics of an artifact on every readable image under `data_dir`; unreadable files are counted, not fatal."
-    model, config = load_model(model_dir)
-    model = model.to(memory_format=torch.channels_last)
-    files = find_images(data_dir, tuple(config.class_names))
-    files = files[files.label.notna()]
-    tf = eval_transform(config.image_size, config.crop_fraction, config.mean, config.std)
-    draft = decode_size(config.image_size, config.crop_fraction)
-    tensors, targets, skipped = [], [], 0
-    logits = []
-    for path, label in tqdm(list(zip(files.path, files.label)), desc="evaluating", disable=not progress):
-        try: tensors.append(tf(load_image(Path(data_dir)/path, draft_size=draft)))
-        except ValueError: skipped += 1; continue
-        targets.append(config.class_names.index(label))
-        if len(tensors) == batch_size:
-            with torch.no_grad(): logits.append(model(torch.stack(tensors).contiguous(memory_format=torch.channels_last)))
-            tensors = []
-    if tensors:
-        with torch.no_grad(): logits.append(model(torch.stack(tensors).contiguous(memory_format=torch.channels_last)))
-    if not targets: raise ValueError(f"no readable labelled images under {data_dir}")
-    probs = torch.softmax(torch.cat(logits) / config.temperature, 1).numpy()
-    metrics = classification_metrics(probs, np.array(targets))
-    metrics["n_skipped"] = skipped
-    return metrics
-
-def eval_cli(argv:list[str]|None=None):
-    "Console script `catsdogs_eval`: metrics of a model artifact on a labelled folder."
-    import argparse
-    parser = argparse.ArgumentParser(description="Evaluate a model artifact on a folder with one subfolder per class.")
-    parser.add_argument("--model", type=Path, default=Settings().model_dir, help="Model artifact directory")
-    parser.add_argument("--data-dir", type=Path, required=True, help="Folder of labelled images")
-    parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass")
-    parser.add_argument("--json", action="store_true", help="End with one line of JSON holding every metric")
-    args = parser.parse_args(argv)
-    metrics = evaluate_folder(args.model, args.data_dir, args.batch_size, progress=not args.json)
-    print(f"{metrics['n_images']} images evaluated, {metrics['n_skipped']} unreadable skipped")
-    for k, v in metrics.items():
-        if isinstance(v, float): print(f"{k:>10}: {v:.4f}")
-    print(f"confusion matrix (rows true cat/dog): {metrics['confusion_matrix']}")
-    if args.json: print(json.dumps(metrics))
-
 # %% ../nbs/04_training.ipynb #4358cf6c
 _TRAIN_FLAGS = ["data_dir", "architecture", "epochs", "freeze_epochs", "batch_size", "lr", "backbone_lr", "weight_decay",
                 "label_smoothing", "image_size", "device", "seed", "output", "num_workers", "patience", "freeze_bn",
-                "mlflow_tracking_uri", "experiment_name"]
+                "mlflow_tracking_uri", "experiment_name", "open_set_keep_rate", "open_set_k", "open_set_bank_size"]
 
 def train_cli(argv:list[str]|None=None):
     "Console script `catsdogs_train` (also under `torchrun --no-python catsdogs_train ...` for DDP)."

@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from catsdogs.config import Settings
 from catsdogs.data import make_demo_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO.parent / "shared" / "data" / "PetImages-mini"
+NOT_PETS = REPO.parent / "shared" / "data" / "not-cats-dogs"
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +31,30 @@ def small_sample_dir(sample_dir, tmp_path_factory) -> Path:
         for f in odd + [f for f in files if f not in odd][:60]:
             shutil.copy(f, dest / cls_dir.name / f.name)
     return dest
+
+
+@pytest.fixture(scope="session")
+def open_set_model(sample_dir, tmp_path_factory) -> Path:
+    """A real EfficientNet-Lite0 model trained on the image sample at 224 px (two epochs of the frozen stage, on cached
+    features: about two minutes), its open-set head fitted as `catsdogs_train` fits it."""
+    from catsdogs.training import train
+    out = tmp_path_factory.mktemp("open-set") / "model"
+    settings = Settings(data_dir=sample_dir, output=out, image_size=224, epochs=2, freeze_epochs=2, batch_size=32, num_workers=1)
+    return train(settings, mlflow=False, progress=False).output
+
+
+@pytest.fixture(scope="session")
+def unseen_pets(open_set_model) -> dict[str, list[Path]]:
+    "The first three cats and three dogs of the open-set model's test split (photos it never trained on)."
+    from catsdogs.data import load_prepared
+    prepared = load_prepared(open_set_model / "data")
+    test = prepared.split("test")
+    return {label: [prepared.root / p for p in test[test.label == label].path[:3]] for label in ("cat", "dog")}
+
+
+@pytest.fixture(scope="session")
+def not_pets() -> dict[str, Path]:
+    "One real photo each of a kangaroo, a face and a bear (not cats, not dogs), from the shared outlier sample."
+    if not NOT_PETS.is_dir(): pytest.skip(f"needs the outlier photos at {NOT_PETS}")
+    return {kind: sorted((NOT_PETS / folder).glob("*.jpg"))[0]
+            for kind, folder in (("kangaroo", "experiencor/kangaroo"), ("face", "serengil/face"), ("bear", "poziki/bear"))}

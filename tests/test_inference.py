@@ -80,7 +80,7 @@ def test_stored_temperature_is_applied(small, photos, tmp_path):
     config = ModelConfig.load(hot / "model_config.json"); config.temperature = 3.0; config.save(hot / "model_config.json")
     plain, calibrated = Predictor(small, backend="eager"), Predictor(hot, backend="eager")
     x = plain.preprocess(photos[0])[None]
-    logits = plain.run(x.numpy())
+    logits = plain.run(x.numpy())[0]
     assert np.allclose(calibrated.probabilities(x), softmax(logits / 3.0), atol=1e-6)
 
 

@@ -40,7 +40,9 @@ def test_artifact_and_config(trained):
     config = json.loads((model_dir / "model_config.json").read_text())
     assert config["architecture"] == "efficientnet_lite0" and config["class_names"] == ["cat", "dog"]
     assert config["image_size"] == 96 and config["temperature"] > 0 and len(config["dataset_version"]) == 64
-    assert {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece", "confusion_matrix"} <= set(config["metrics"])
+    assert {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece", "confusion_matrix", "open_set_kept"} <= set(config["metrics"])
+    assert 0 < config["open_set"]["threshold"] < 1 and config["open_set"]["keep_rate"] == 0.99
+    assert config["open_set"]["bank_size"] == 48 and config["open_set"]["val_kept"] >= 0.9  # --quick: 24 training photos a class
     assert config["code_version"]
     assert "epoch 1/2 [frozen]" in stdout and "epoch 2/2 [finetune]" in stdout
 
@@ -54,6 +56,7 @@ def test_mlflow_run_is_complete(trained):
     assert run_.data.params["epochs"] == "2" and run_.data.params["quick"] == "True"
     assert len(client.get_metric_history(run_id, "val_loss")) == 2
     assert "test_accuracy" in run_.data.metrics and "temperature" in run_.data.metrics
+    assert {"open_set_threshold", "open_set_val_kept", "test_open_set_kept", "test_accuracy_kept"} <= set(run_.data.metrics)
     dataset = run_.inputs.dataset_inputs[0].dataset
     config = json.loads((model_dir / "model_config.json").read_text())
     assert dataset.name == "catsdogs-manifest" and dataset.digest == config["dataset_version"][:32]
@@ -71,12 +74,13 @@ def test_exports_match_eager_on_real_images(trained, sample_dir):
     paths = sorted((sample_dir / "Cat").glob("cat.*.jpg"))[:4] + sorted((sample_dir / "Dog").glob("dog.*.jpg"))[:4]
     x = torch.stack([tf(load_image(p, draft_size=decode_size(config.image_size, config.crop_fraction))) for p in paths])
     with torch.no_grad():
-        eager = model(x)
+        eager = model.forward_open_set(x)
         scripted = torch.jit.load(str(model_dir / "model.ts"))(x)
     session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    assert torch.allclose(scripted, eager, atol=1e-4)
-    assert torch.allclose(onnx, eager, atol=1e-3)
+    onnx = [torch.from_numpy(o) for o in session.run(["logits", "open_set_score"], {"images": x.numpy()})]
+    for got_ts, got_onnx, expected in zip(scripted, onnx, eager, strict=True):
+        assert torch.allclose(got_ts, expected, atol=1e-4)
+        assert torch.allclose(got_onnx, expected, atol=1e-3)
 
 
 def test_eval_cli_json(trained, small_sample_dir):

@@ -1,5 +1,6 @@
 """The web page in real headless Chromium against a real server: upload a cat and a dog photo and see
-the labels the API gives for those files, then a text file and see the error in plain words."""
+the labels the API gives for those files, a text file and see the error in plain words, and photos
+of neither (a kangaroo, a face, a bear) and see that said in plain words."""
 from pathlib import Path
 
 import httpx
@@ -21,15 +22,21 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                                                                          "--disable-component-update", "--no-first-run"])
-        page = browser.new_page()
-        page.goto(server + "/")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = browser.new_page()
+    page.goto(server + "/")
+    yield page
+    page.close()
 
 
 def test_page_shows_the_api_labels_for_real_photos(page, server, sample_dir):
@@ -55,3 +62,23 @@ def test_page_explains_a_file_that_is_not_an_image(page, tmp_path):
     error = page.locator('article.card[data-name="notes.txt"] .status.error')
     error.wait_for(timeout=20_000)
     assert error.inner_text() == "notes.txt: this file is not an image"
+
+
+def test_page_says_when_a_photo_is_neither_a_cat_nor_a_dog(browser, open_set_model, not_pets, unseen_pets):
+    cat = unseen_pets["cat"][0]
+    with run_server(create_app(Settings(model_dir=open_set_model, backend="onnx"))) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.set_input_files("#files", [str(p) for p in [*not_pets.values(), cat]])
+        for photo in not_pets.values():
+            expected = httpx.post(url + "/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}).json()
+            card = page.locator(f'article.card[data-name="{photo.name}"]')
+            card.locator(".label").wait_for(timeout=30_000)
+            assert card.get_attribute("data-label") == "neither"
+            assert card.locator(".label").inner_text() == "This doesn't look like a cat or a dog"
+            assert card.locator(".open-set").inner_text() == f"chance it shows a cat or a dog: {100 * expected['p_cat_or_dog']:.1f}%"
+            assert card.locator(".bar").count() == 0
+        card = page.locator(f'article.card[data-name="{cat.name}"]')
+        card.locator(".label").wait_for(timeout=30_000)
+        assert card.get_attribute("data-label") == "cat" and "chance it shows a cat or a dog" in card.locator(".open-set").inner_text()
+        page.close()
