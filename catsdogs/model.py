@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ import numpy as np
 import timm
 import torch
 import torchvision
+from scipy.special import expit
 from torch import nn
 from torch.nn import functional as F
 
@@ -172,7 +174,7 @@ class OpenSetConfig:
 
     def probability(self, score:np.ndarray) -> np.ndarray:
         "`p_cat_or_dog` for open-set scores."
-        return 1 / (1 + np.exp(-(self.slope * np.asarray(score, dtype=np.float64) + self.offset)))
+        return expit(self.slope * np.asarray(score, dtype=np.float64) + self.offset)
 
 def _quantile(x:torch.Tensor, q:float) -> torch.Tensor:
     "Quantiles of each column of `x`."
@@ -191,13 +193,17 @@ def fit_open_set(head:OpenSetHead, train_features:torch.Tensor, val_features:tor
                  k:int=5, bank_size:int=4096, slope:float=3.0, offset:float=6.0, seed:int=0) -> OpenSetConfig:
     "Fit `head` on training and validation features of cats and dogs; returns the config with the threshold."
     if len(train_features) < 1 or len(val_features) < 1: raise ValueError("the open-set head needs training and validation features")
+    if keep_rate < 1 and len(val_features) < 1 / (1 - keep_rate):
+        warnings.warn(f"only {len(val_features)} validation photos: the open-set threshold keeps all of them, "
+                      f"{1 / (1 - keep_rate):.0f} or more are needed to place it at {keep_rate:.1%}")
     if len(train_features) > bank_size:
         train_features = train_features[torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))[:bank_size]]
     head.bank, head.k = F.normalize(train_features.float(), dim=1), min(k, len(train_features))
     head.center.zero_(); head.scale.fill_(1)
     signals = head.signals(val_features)
     head.center.copy_(_quantile(signals, 0.5))
-    head.scale.copy_((_quantile(signals, 0.75) - _quantile(signals, 0.25)).clamp_min(1e-6))
+    spread = _quantile(signals, 0.75) - _quantile(signals, 0.25)
+    head.scale.copy_(torch.where(spread > 1e-3, spread, signals.std(0, correction=0).clamp_min(1e-3)))  # few photos: no spread
     if head.imagenet_head is None: head.center[0], head.scale[0] = 0.0, 1.0
     scores = head(val_features)
     config = OpenSetConfig(threshold=0.0, k=head.k, bank_size=len(train_features), slope=slope, offset=offset, keep_rate=keep_rate)
@@ -245,7 +251,7 @@ def build_model(architecture:str="efficientnet_lite0", # A name in `BACKBONES`
     spec = get_backbone(architecture)
     head = None
     if open_set:
-        with torch.random.fork_rng():  # the open-set head leaves the random stream of the rest of training untouched
+        with torch.random.fork_rng(devices=[]):  # built on the CPU, it leaves the random stream of the rest of training untouched
             imagenet_head = spec.imagenet_head(pretrained) if spec.imagenet_head else None
         fitted = open_set if isinstance(open_set, OpenSetConfig) else None
         head = OpenSetHead(spec.num_features, imagenet_head, fitted.bank_size if fitted else 0, fitted.k if fitted else 5)

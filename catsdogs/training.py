@@ -5,6 +5,7 @@
 # %% ../nbs/04_training.ipynb #30481b70
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -111,12 +112,13 @@ def train_one_epoch(model:nn.Module, loader, criterion, optimizer, scheduler, de
     return total / max(count, 1)
 
 @torch.no_grad()
-def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=False, desc:str="eval") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=False, desc:str="eval",
+                   autocast:bool=True) -> tuple[torch.Tensor, torch.Tensor]: # bf16 on CUDA; False: float32 throughout
     "Logits (float32, CPU) and targets for every batch of `loader`, in order."
     model.eval()
     logits, targets = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        with _autocast(device): logits.append(model(_to_device(x, device)).float().cpu())
+        with _autocast(device) if autocast else contextlib.nullcontext(): logits.append(model(_to_device(x, device)).float().cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
@@ -465,13 +467,16 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
 # %% ../nbs/04_training.ipynb #b50d090c
 def _split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
                     progress:bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
-    "Final backbone features, targets and paths of each split, computed with the eval transform."
+    "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
     spec = get_backbone(settings.architecture)
     tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
     out = {}
     for split in ("train", "val", "test"):
-        loader = make_loader(rows[split], root, tf_eval, settings, device)
-        out[split] = (*predict_logits(model.backbone, loader, device, progress, split), loader.dataset.paths)
+        split_rows = rows[split]
+        if split == "train" and len(split_rows) > settings.open_set_bank_size:
+            split_rows = split_rows.sample(settings.open_set_bank_size, random_state=settings.seed).sort_index()
+        loader = make_loader(split_rows, root, tf_eval, settings, device)
+        out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), loader.dataset.paths)
     return out
 
 def _fit_open_set(model:CatsDogsNet, features:dict, settings:Settings) -> OpenSetConfig:

@@ -38,6 +38,7 @@
 #| export
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,7 +65,7 @@ from catsdogs.model import (CatsDogsNet, ModelConfig, OpenSetConfig, build_model
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import contextlib, io, tempfile, warnings
+import io, tempfile, warnings
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices
 warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
@@ -176,12 +177,13 @@ def train_one_epoch(model:nn.Module, loader, criterion, optimizer, scheduler, de
     return total / max(count, 1)
 
 @torch.no_grad()
-def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=False, desc:str="eval") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=False, desc:str="eval",
+                   autocast:bool=True) -> tuple[torch.Tensor, torch.Tensor]: # bf16 on CUDA; False: float32 throughout
     "Logits (float32, CPU) and targets for every batch of `loader`, in order."
     model.eval()
     logits, targets = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        with _autocast(device): logits.append(model(_to_device(x, device)).float().cpu())
+        with _autocast(device) if autocast else contextlib.nullcontext(): logits.append(model(_to_device(x, device)).float().cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
@@ -604,13 +606,16 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
 #| export
 def _split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
                     progress:bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
-    "Final backbone features, targets and paths of each split, computed with the eval transform."
+    "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
     spec = get_backbone(settings.architecture)
     tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
     out = {}
     for split in ("train", "val", "test"):
-        loader = make_loader(rows[split], root, tf_eval, settings, device)
-        out[split] = (*predict_logits(model.backbone, loader, device, progress, split), loader.dataset.paths)
+        split_rows = rows[split]
+        if split == "train" and len(split_rows) > settings.open_set_bank_size:
+            split_rows = split_rows.sample(settings.open_set_bank_size, random_state=settings.seed).sort_index()
+        loader = make_loader(split_rows, root, tf_eval, settings, device)
+        out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), loader.dataset.paths)
     return out
 
 def _fit_open_set(model:CatsDogsNet, features:dict, settings:Settings) -> OpenSetConfig:
@@ -673,7 +678,7 @@ result = train(settings, quick=True, progress=False)
 test_eq(sorted(p.name for p in result.output.glob("model*")), ["model.onnx", "model.ts", "model_config.json"])
 test_eq(len(result.history), 2)
 test_eq(result.config.open_set.keep_rate, 0.99)
-assert 0 < result.config.open_set.threshold < 1 and result.config.open_set.val_kept >= 0.9
+assert 0 < result.config.open_set.threshold < 1 and result.config.open_set.val_kept >= result.config.open_set.keep_rate
 
 # %% [markdown]
 # Everything is in the MLflow store: parameters, per-epoch metrics, the dataset input with its

@@ -181,7 +181,7 @@ def make_runner(backend:str, # One of `BACKENDS`
                 model_dir:Path, # The artifact directory
                 threads:int=0, # Intra-op threads; 0: one per core
                 model:torch.nn.Module|None=None) -> Callable:
-    "A `batch -> logits` function for `backend` on the artifact in `model_dir`."
+    "A `batch -> (logits, open-set score)` function for `backend` on the artifact in `model_dir` (logits alone without an open-set head)."
     model_dir, threads = Path(model_dir), default_threads(threads)
     if backend == "eager":
         model, config = (model, None) if model is not None else load_model(model_dir)
@@ -234,9 +234,11 @@ def _time_ms(run:Callable, x:np.ndarray, repeat:int=5, budget_s:float=0.5) -> fl
     return float(np.median(times)) * 1000
 
 def _compared(outputs:tuple, temperature:float, open_set:OpenSetConfig|None) -> np.ndarray:
-    "What backends must agree on: class probabilities and, with an open-set head, p_cat_or_dog."
+    "What backends must agree on: class probabilities and, with an open-set head, its score (relative to its size)."
     probs = softmax(outputs[0], temperature)
-    return probs if open_set is None or len(outputs) < 2 else np.c_[probs, open_set.probability(outputs[1])]
+    if open_set is None or len(outputs) < 2: return probs
+    score = np.asarray(outputs[1], dtype=np.float64)
+    return np.c_[probs, score / (1 + np.abs(score))]  # the raw score: p_cat_or_dog of test patterns is ~0 and hides differences
 
 def choose_backend(runners:dict[str, Callable], # Backend name -> runner; must include "eager"
                    batch:np.ndarray, # A few preprocessed images
@@ -262,6 +264,8 @@ best, timings = choose_backend(runners, batch, open_set=open_set)
 test_eq(best in BACKENDS, True)
 broken = {**runners, "onnx": lambda x: (runners["onnx"](x)[0] + np.array([0.0, 1.0], dtype=np.float32),)}  # a backend that disagrees is never chosen
 test_eq("onnx" in choose_backend(broken, batch)[1], False)
+shifted = {**runners, "onnx": lambda x: (runners["onnx"](x)[0], runners["onnx"](x)[1] + 0.5)}  # nor one whose open-set score is off
+test_eq("onnx" in choose_backend(shifted, batch, open_set=open_set)[1], False)
 best, timings
 
 
@@ -364,11 +368,11 @@ def scores(self:Predictor, batch:torch.Tensor|np.ndarray) -> tuple[np.ndarray, n
     if self.tta: x = np.concatenate([x, x[..., ::-1]])
     outputs = self.run(x)
     probs = softmax(outputs[0], self.config.temperature)
-    p_any = self.open_set.probability(outputs[1]) if self.open_set is not None and len(outputs) > 1 else None
-    if self.tta:
+    score = outputs[1] if self.open_set is not None and len(outputs) > 1 else None
+    if self.tta:  # probabilities averaged, the open-set score too (before the sigmoid, the scale its threshold was set on)
         probs = (probs[:n] + probs[n:]) / 2
-        if p_any is not None: p_any = (p_any[:n] + p_any[n:]) / 2
-    return probs, p_any
+        if score is not None: score = (score[:n] + score[n:]) / 2
+    return probs, None if score is None else self.open_set.probability(score)
 
 def probabilities(self:Predictor, batch:torch.Tensor|np.ndarray) -> np.ndarray:
     "Calibrated class probabilities `(N, classes)` for a preprocessed batch, averaged with the mirror image under TTA."
@@ -503,6 +507,8 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
                     ood_dir:Path|None=None, # Photos of neither cats nor dogs, any layout
                     batch_size:int=32, progress:bool=True) -> dict:
     "Metrics of `predictor` on the labelled images under `data_dir` and, with `ood_dir`, open-set metrics."
+    if ood_dir is not None and predictor.open_set is None:
+        raise ValueError("--ood-dir needs the open set: the model has no open-set head, or it is turned off")
     names = tuple(predictor.config.class_names)
     files = find_images(data_dir, names)
     files = files[files.label.notna()]
@@ -512,9 +518,7 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
     probs = np.array([[r.probabilities[c] for c in names] for r, _ in answered])
     targets = np.array([t for _, t in answered])
     metrics = {**classification_metrics(probs, targets), "n_skipped": len(results) - len(answered)}
-    if predictor.open_set is None:
-        if ood_dir is not None: raise ValueError("--ood-dir needs the open set: the model has no open-set head, or it is turned off")
-        return metrics
+    if predictor.open_set is None: return metrics
     p_pets = _open_set_probabilities(results)
     kept = p_pets >= predictor.threshold
     metrics.update(open_set_threshold=float(predictor.threshold), open_set_kept=float(kept.mean()),

@@ -498,7 +498,7 @@ _DOCS = {"label": '"cat", "dog", or "neither" when the photo does not look like 
          "confidence": 'Probability of `label`: P(that class | a cat or a dog), or 1 - p_cat_or_dog for "neither"',
          "probabilities": "Each class's calibrated probability, given that the photo shows a cat or a dog",
          "p_dog": "P(dog | a cat or a dog)",
-         "p_cat_or_dog": "Calibrated probability that the photo shows a cat or a dog at all; null when the open set is off"}
+         "p_cat_or_dog": "Probability that the photo shows a cat or a dog at all (calibrated under an even prior); null when the open set is off"}
 
 class PredictionOut(BaseModel):
     "The answer for one image."
