@@ -378,7 +378,11 @@ def prepare_cli(argv:list[str]|None=None):
     parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.", _PREPARE_FLAGS)
     parser.add_argument("--out", type=Path, default=None, help="Output folder (default: settings.prepared_dir)")
     settings, args = parse_settings(parser, argv)
-    prepared = prepare(settings, args.out or settings.prepared_dir)
+    try: prepared = prepare(settings, args.out or settings.prepared_dir)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # no network, refused, or an HTTP error status
+        reason = getattr(e, "reason", None) or e
+        parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "
+                       "pass --data-dir DIR: a folder of photos with one subfolder per class (Cat/, Dog/)\n")
     out = args.out or settings.prepared_dir
     skipped = pd.read_csv(Path(out)/"skipped.csv")
     print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")

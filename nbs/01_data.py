@@ -54,6 +54,7 @@ from catsdogs.config import Settings, parse_settings, settings_parser
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
+import contextlib
 
 
 # %% [markdown]
@@ -588,7 +589,11 @@ def prepare_cli(argv:list[str]|None=None):
     parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.", _PREPARE_FLAGS)
     parser.add_argument("--out", type=Path, default=None, help="Output folder (default: settings.prepared_dir)")
     settings, args = parse_settings(parser, argv)
-    prepared = prepare(settings, args.out or settings.prepared_dir)
+    try: prepared = prepare(settings, args.out or settings.prepared_dir)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # no network, refused, or an HTTP error status
+        reason = getattr(e, "reason", None) or e
+        parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "
+                       "pass --data-dir DIR: a folder of photos with one subfolder per class (Cat/, Dog/)\n")
     out = args.out or settings.prepared_dir
     skipped = pd.read_csv(Path(out)/"skipped.csv")
     print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")
@@ -599,6 +604,19 @@ def prepare_cli(argv:list[str]|None=None):
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     prepare_cli(["--data-dir", str(data_dir), "--out", tmp])
+
+# %% [markdown]
+# Without a network (here: a port on this machine where nothing listens), the first run that
+# needs the download stops with one line that names the URL, the reason and the way out:
+
+# %%
+with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()) as stderr:
+    try: prepare_cli(["--dataset-url", "http://127.0.0.1:9/kagglecatsanddogs.zip", "--cache-dir", tmp, "--out", tmp])
+    except SystemExit as e: test_eq(e.code, 2)
+    else: raise AssertionError("prepare_cli should stop without the download")
+message = stderr.getvalue()
+assert "cannot download http://127.0.0.1:9/kagglecatsanddogs.zip: [Errno 111] Connection refused" in message and "--data-dir" in message
+print(message)
 
 # %% [markdown]
 # ## Preprocessing: one function for training, evaluation and serving

@@ -66,6 +66,7 @@ from catsdogs.model import (CatsDogsNet, ModelConfig, OpenSetConfig, build_model
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 import io, tempfile, warnings
+from IPython.display import Image as Figure, display  # here: nbdev runs every cell that imports when it renders the docs
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices
 warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
@@ -756,7 +757,6 @@ outlier_paths = sorted(not_pets.rglob("*.jpg")) if not_pets.is_dir() else []
 if outlier_paths:
     p_pets, p_outliers = p_cat_or_dog(pet_paths), p_cat_or_dog(outlier_paths)
     figures = open_set_figures(comparison_dir/"open_set", p_pets, p_outliers, open_set_config.open_set.threshold, pet_paths, outlier_paths)
-    from IPython.display import Image as Figure, display
     for f in figures: display(Figure(filename=f))
     print(f"refused: {(p_outliers < open_set_config.open_set.threshold).mean():.1%} of {len(p_outliers)} outliers; "
           f"kept: {(p_pets >= open_set_config.open_set.threshold).mean():.1%} of {len(p_pets)} validation cats and dogs")

@@ -27,12 +27,17 @@
 #
 # On a fresh Linux machine with Python 3.11, after `git clone` and `cd catsdogs`, two commands.
 #
-# **Prepare the data, train, and serve** (downloads the Microsoft PetImages set, about 800 MB,
-# unless `DATA_DIR` names a local folder with one subfolder per class):
+# **Prepare the data, train, and serve**, from the Microsoft PetImages download (about 800 MB,
+# fetched once into `~/.cache/catsdogs`) or from a folder of your own photos with one subfolder
+# per class (`Cat/`, `Dog/`):
 #
 # ```sh
-# DATA_DIR=../shared/data/PetImages-mini bash scripts/run.sh
+# bash scripts/run.sh                          # downloads PetImages
+# DATA_DIR=path/to/photos bash scripts/run.sh  # or: your own folder, no download
 # ```
+#
+# Without a network, the download stops with one line naming the URL and the reason, and
+# `DATA_DIR` (or `--data-dir`) is the way out.
 #
 # It sets up `.venv`, runs `catsdogs_prepare` and `catsdogs_train` (which ends with the
 # test-split metrics), then serves the model on <http://127.0.0.1:8000> (the web page; the
@@ -56,7 +61,7 @@
 # (see `catsdogs.config.Settings`), and flags win over the environment.
 #
 # ```sh
-# catsdogs_prepare --data-dir ../shared/data/PetImages-mini --out artifacts/data
+# catsdogs_prepare --data-dir path/to/photos --out artifacts/data          # or no --data-dir: the download
 # catsdogs_train --prepared artifacts/data --output artifacts/model     # or --data-dir DIR
 # catsdogs_eval --model artifacts/model --data-dir path/to/labelled/photos --ood-dir path/to/other/photos --json
 # catsdogs_predict --model-dir artifacts/model photo1.jpg photo2.jpg
