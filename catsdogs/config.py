@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
@@ -127,4 +127,7 @@ def parse_settings(parser:argparse.ArgumentParser, argv:list[str]|None=None) -> 
     "Parse `argv`; returns `Settings` with the given flags applied, and the namespace for non-setting flags."
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**overrides), args
+    try: return Settings(**overrides), args
+    except ValidationError as e:  # a value out of range, from a flag or the environment: a usage error, not a traceback
+        parser.error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')} (or CATSDOGS_{'.'.join(map(str, err['loc'])).upper()}): "
+                               f"{err['msg']}, got {err['input']!r}" for err in e.errors()))

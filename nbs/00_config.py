@@ -27,12 +27,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail
+import contextlib, io
 
 # %% [markdown]
 # ## Settings
@@ -184,7 +185,10 @@ def parse_settings(parser:argparse.ArgumentParser, argv:list[str]|None=None) -> 
     "Parse `argv`; returns `Settings` with the given flags applied, and the namespace for non-setting flags."
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**overrides), args
+    try: return Settings(**overrides), args
+    except ValidationError as e:  # a value out of range, from a flag or the environment: a usage error, not a traceback
+        parser.error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')} (or CATSDOGS_{'.'.join(map(str, err['loc'])).upper()}): "
+                               f"{err['msg']}, got {err['input']!r}" for err in e.errors()))
 
 
 # %% [markdown]
@@ -198,3 +202,14 @@ test_eq((cfg.image_size, cfg.data_dir, cfg.tta), (160, Path("photos"), True))
 cfg, _ = parse_settings(parser, ["--image-size", "128"])
 test_eq(cfg.image_size, 128)
 del os.environ["CATSDOGS_IMAGE_SIZE"]
+
+# %% [markdown]
+# A value out of range is a usage error (exit status 2) that names the flag, not a traceback:
+
+# %%
+with contextlib.redirect_stderr(io.StringIO()) as stderr:
+    try: parse_settings(parser, ["--image-size", "8"])
+    except SystemExit as e: test_eq(e.code, 2)
+    else: raise AssertionError("an image size of 8 should be refused")
+test_eq("--image-size (or CATSDOGS_IMAGE_SIZE): Input should be greater than or equal to 32, got 8" in stderr.getvalue(), True)
+stderr.getvalue().splitlines()[-1]
