@@ -8,6 +8,10 @@ cfg = ConfigParser(delimiters=["="])
 cfg.read(Path(__file__).parent / "settings.ini", encoding="utf-8")
 cfg = cfg["DEFAULT"]
 
+serve, registry = cfg["serve_requirements"].split(), cfg["registry_requirements"].split()
+train = cfg["train_requirements"].split() + serve
+extras = {"serve": serve, "registry": registry, "train": train, "dev": train + cfg["dev_requirements"].split()}
+
 setuptools.setup(
     name=cfg["lib_name"],
     version=cfg["version"],
@@ -23,7 +27,7 @@ setuptools.setup(
     package_data={"catsdogs": ["static/*"]},
     include_package_data=True,
     install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split()},
+    extras_require=extras,
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

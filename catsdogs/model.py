@@ -5,29 +5,27 @@
 # %% ../nbs/03_model.ipynb #870eee4e
 from __future__ import annotations
 
-import json
+import shutil
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import timm
 import torch
 import torchvision
-from scipy.special import expit
 from torch import nn
 from torch.nn import functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig
 
 # %% auto #0
 __all__ = ['BACKBONES', 'IMAGENET_PET_CLASSES', 'Backbone', 'register_backbone', 'get_backbone',
            'efficientnet_lite0_imagenet_head', 'efficientnet_lite0', 'mobilenet_v3_small', 'mobilenet_v2', 'small_cnn',
-           'OpenSetHead', 'OpenSetConfig', 'fit_open_set', 'open_set_metrics', 'CatsDogsNet', 'build_model',
-           'code_version', 'ModelConfig', 'export_onnx', 'export_artifact', 'load_model']
+           'OpenSetHead', 'fit_open_set', 'CatsDogsNet', 'build_model', 'code_version', 'config_for_backbone',
+           'export_onnx', 'export_artifact', 'load_model']
 
 # %% ../nbs/03_model.ipynb #a842a0b4
 @dataclass(frozen=True)
@@ -161,21 +159,6 @@ class OpenSetHead(nn.Module):
         return ((self.signals(features) - self.center) / self.scale).sum(1)
 
 # %% ../nbs/03_model.ipynb #83985708
-@dataclass
-class OpenSetConfig:
-    "The fitted open-set head's numbers, as `model_config.json` records them."
-    threshold: float # Answer "neither" when p_cat_or_dog is below this
-    k: int = 5
-    bank_size: int = 0
-    slope: float = 3.0
-    offset: float = 6.0
-    keep_rate: float = 0.99
-    val_kept: float = 1.0 # Share of validation cats and dogs at or above the threshold
-
-    def probability(self, score:np.ndarray) -> np.ndarray:
-        "`p_cat_or_dog` for open-set scores."
-        return expit(self.slope * np.asarray(score, dtype=np.float64) + self.offset)
-
 def _quantile(x:torch.Tensor, q:float) -> torch.Tensor:
     "Quantiles of each column of `x`."
     return torch.quantile(x.double(), q, dim=0).float()
@@ -210,21 +193,6 @@ def fit_open_set(head:OpenSetHead, train_features:torch.Tensor, val_features:tor
     config.threshold = float(config.probability(_keeping_threshold(scores, keep_rate)))
     config.val_kept = float((config.probability(scores.numpy()) >= config.threshold).mean())
     return config
-
-# %% ../nbs/03_model.ipynb #7d5e058a
-def open_set_metrics(p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dogs
-                     p_outliers:np.ndarray, # p_cat_or_dog of photos of neither
-                     threshold:float) -> dict: # The model's threshold
-    "ROC AUC, FPR at 95% and 99% TPR, and the shares refused and kept at `threshold`."
-    from sklearn.metrics import roc_auc_score
-    p_pets, p_outliers = np.asarray(p_pets, dtype=np.float64), np.asarray(p_outliers, dtype=np.float64)
-    labels = np.r_[np.ones(len(p_pets)), np.zeros(len(p_outliers))]
-    return {"ood_roc_auc": float(roc_auc_score(labels, np.r_[p_pets, p_outliers])),
-            "ood_fpr_at_95_tpr": float((p_outliers >= np.quantile(p_pets, 0.05)).mean()),
-            "ood_fpr_at_99_tpr": float((p_outliers >= np.quantile(p_pets, 0.01)).mean()),
-            "ood_refused": float((p_outliers < threshold).mean()),
-            "pets_kept": float((p_pets >= threshold).mean()),
-            "n_outliers": int(len(p_outliers))}
 
 # %% ../nbs/03_model.ipynb #237dbe4d
 class CatsDogsNet(nn.Module):
@@ -268,41 +236,11 @@ def code_version() -> str:
         return f"{__version__}+{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.CalledProcessError, NameError): return __version__
 
-@dataclass
-class ModelConfig:
-    "What `model_config.json` records about a trained model."
-    architecture: str = "efficientnet_lite0"
-    image_size: int = 224
-    crop_fraction: float = 0.875
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    class_names: tuple = ("cat", "dog")
-    temperature: float = 1.0
-    dropout: float = 0.2
-    open_set: OpenSetConfig|None = None # The fitted open-set head; None: cat or dog only
-    dataset_version: str = ""
-    metrics: dict = field(default_factory=dict)
-    code_version: str = ""
-    created: str = ""
-
-    @classmethod
-    def for_backbone(cls, architecture:str, **kwargs) -> ModelConfig:
-        "A config with the backbone's own normalisation."
-        spec = get_backbone(architecture)
-        return cls(architecture=architecture, mean=tuple(spec.mean), std=tuple(spec.std), **kwargs)
-
-    def save(self, path:Path):
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path:Path) -> ModelConfig:
-        "Read `model_config.json`; the preprocessing fields must be there, never guessed."
-        raw = json.loads(Path(path).read_text())
-        missing = [k for k in ("architecture", "image_size", "crop_fraction", "mean", "std", "class_names") if k not in raw]
-        if missing: raise ValueError(f"{path} lacks {', '.join(missing)}")
-        known = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        if known.get("open_set") is not None: known["open_set"] = OpenSetConfig(**known["open_set"])
-        return cls(**known)
+def config_for_backbone(architecture:str, # A name in the backbone registry
+                        image_size:int, crop_fraction:float, **kwargs) -> ModelConfig:
+    "A `ModelConfig` with the backbone's own normalisation."
+    spec = get_backbone(architecture)
+    return ModelConfig(architecture, image_size, crop_fraction, tuple(spec.mean), tuple(spec.std), **kwargs)
 
 # %% ../nbs/03_model.ipynb #6911c55d
 class _WithOpenSet(nn.Module):
@@ -322,8 +260,9 @@ def export_onnx(model:nn.Module, path:Path, example:torch.Tensor, output_names:t
 def _as_tuple(out) -> tuple: return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:torch.Tensor|None=None,
-                    atol:float=1e-3) -> Path:
-    "Write weights, `model_config.json`, TorchScript and ONNX to `out`, checking both exports against eager."
+                    atol:float=1e-3,
+                    check_images:list[Path]=()) -> Path: # Real validation photos, copied to `check_images/`
+    "Write weights, `model_config.json`, TorchScript, ONNX and check photos to `out`, checking both exports against eager."
     import onnxruntime as ort
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
@@ -345,6 +284,9 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     weights = {k: v for k, v in model.state_dict().items() if config.open_set or not k.startswith("open_set.")}
     torch.save(weights, out/"weights.pt")
     scripted.save(str(out/"model.ts"))
+    if check_images:
+        shutil.rmtree(out/"check_images", ignore_errors=True); (out/"check_images").mkdir()
+        for i, path in enumerate(check_images): shutil.copyfile(path, out/"check_images"/f"{i:03d}{Path(path).suffix.lower()}")
     config.save(out/"model_config.json")
     return out
 

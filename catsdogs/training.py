@@ -24,16 +24,15 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from .config import Settings, parse_settings, settings_parser
-from .data import (ImageDataset, PreparedData, decode_size, eval_transform, find_images, load_image,
-                           load_prepared, prepare, train_transform)
-from .model import (CatsDogsNet, ModelConfig, OpenSetConfig, build_model, export_artifact, fit_open_set, get_backbone,
-                            load_model)
+from .data import ImageDataset, PreparedData, load_prepared, prepare
+from .metrics import classification_metrics, reliability
+from .model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
+from .presets import ModelConfig, OpenSetConfig, Preset, load_image
 
 # %% auto #0
-__all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'epoch_seed', 'make_loader', 'warmup_cosine',
-           'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature',
-           'expected_calibration_error', 'classification_metrics', 'save_figures', 'open_set_figures',
-           'save_checkpoint', 'load_checkpoint', 'Tracker', 'TrainResult', 'train', 'train_cli']
+__all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'preset_of', 'epoch_seed', 'make_loader', 'warmup_cosine',
+           'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature', 'save_figures',
+           'open_set_figures', 'save_checkpoint', 'load_checkpoint', 'Tracker', 'TrainResult', 'train', 'train_cli']
 
 # %% ../nbs/04_training.ipynb #90e829af
 def resolve_device(name:str="auto") -> torch.device:
@@ -58,12 +57,16 @@ def init_distributed(device:torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 # %% ../nbs/04_training.ipynb #3fd0e38a
+def preset_of(settings:Settings) -> Preset:
+    "The preprocessing a model trained with `settings` gets: the one its `ModelConfig` will record."
+    return Preset.from_config(config_for_backbone(settings.architecture, settings.image_size, settings.crop_fraction))
+
 def epoch_seed(seed:int, epoch:int) -> int: return seed * 1000 + epoch
 
 def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
                 train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:
     "A loader over manifest rows: shuffled and sharded across processes for training, in order otherwise."
-    ds = ImageDataset(rows, root, transform, settings.class_names, draft_size=decode_size(settings.image_size, settings.crop_fraction))
+    ds = ImageDataset(rows, root, transform, settings.class_names, draft_size=preset_of(settings).resize_size)
     generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
     sampler = None
     if train and world_size > 1:
@@ -149,32 +152,6 @@ def fit_temperature(logits:torch.Tensor, targets:torch.Tensor, max_iter:int=100)
     opt.step(closure)
     return float(log_t.exp().clamp(0.05, 20).item())
 
-def expected_calibration_error(probs:np.ndarray, targets:np.ndarray, n_bins:int=15) -> float:
-    "ECE: the confidence-weighted gap between confidence and accuracy, over equal-width bins."
-    confidence, predicted = probs.max(1), probs.argmax(1)
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any(): ece += in_bin.mean() * abs((predicted[in_bin] == targets[in_bin]).mean() - confidence[in_bin].mean())
-    return float(ece)
-
-def classification_metrics(probs:np.ndarray, targets:np.ndarray) -> dict:
-    "Accuracy, precision/recall/F1 of `dog`, ROC AUC, log loss, ECE and the confusion matrix."
-    from sklearn import metrics as skm
-    predicted = probs.argmax(1)
-    out = {"accuracy": skm.accuracy_score(targets, predicted),
-           "precision": skm.precision_score(targets, predicted, zero_division=0),
-           "recall": skm.recall_score(targets, predicted, zero_division=0),
-           "f1": skm.f1_score(targets, predicted, zero_division=0),
-           "roc_auc": skm.roc_auc_score(targets, probs[:, 1]) if len(set(targets)) == 2 else float("nan"),
-           "log_loss": skm.log_loss(targets, np.clip(probs, 1e-7, 1), labels=[0, 1]),
-           "ece": expected_calibration_error(probs, targets),
-           "n_images": int(len(targets))}
-    out = {k: float(v) if k != "n_images" else v for k, v in out.items()}
-    out["confusion_matrix"] = skm.confusion_matrix(targets, predicted, labels=[0, 1]).tolist()
-    return out
-
 # %% ../nbs/04_training.ipynb #8d4b78ac
 def save_figures(out:Path, history:list[dict], probs:np.ndarray, targets:np.ndarray, paths:list[Path],
                  class_names:tuple=("cat", "dog"), n_worst:int=12) -> list[Path]:
@@ -203,12 +180,11 @@ def save_figures(out:Path, history:list[dict], probs:np.ndarray, targets:np.ndar
         RocCurveDisplay.from_predictions(targets, probs[:, 1], ax=ax, name=class_names[1])
         save(fig, "roc.png")
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    confidence = probs.max(1); bins = np.linspace(0.5, 1, 6)
-    idx = np.clip(np.digitize(confidence, bins) - 1, 0, len(bins) - 2)
-    acc = [(predicted[idx == b] == targets[idx == b]).mean() if (idx == b).any() else np.nan for b in range(len(bins) - 1)]
-    ax.bar(bins[:-1], acc, width=0.1, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    _, accuracy, share = reliability(probs, targets)  # the bins of the ECE
+    starts = np.arange(len(share)) / len(share)
+    ax.bar(starts[share > 0], accuracy[share > 0], width=1 / len(share), align="edge", edgecolor="k", alpha=0.7, label="accuracy")
     ax.plot([0.5, 1], [0.5, 1], "k--", label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability", ylim=(0, 1.02)); ax.legend()
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability", xlim=(0.45, 1.0), ylim=(0, 1.02)); ax.legend()
     save(fig, "reliability.png")
     true_prob = probs[np.arange(len(targets)), targets]
     worst = np.argsort(true_prob)[:n_worst]
@@ -372,8 +348,8 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
     seed_everything(settings.seed)
     model = build_model(settings.architecture, pretrained=not ckpt and spec.weights.startswith("ImageNet")).to(device)
     model = model.to(memory_format=torch.channels_last)
-    tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
-    tf_train = train_transform(settings.image_size, spec.mean, spec.std)
+    preset = preset_of(settings)
+    tf_eval, tf_train = preset.eval_transform(), preset.train_transform()
     val_loader = make_loader(rows["val"], prepared.root, tf_eval, settings, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     tracker = Tracker(settings, enabled=mlflow and main, run_id=ckpt["run_id"] if ckpt else None)
@@ -468,8 +444,7 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
 def _split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
                     progress:bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
     "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
-    spec = get_backbone(settings.architecture)
-    tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
+    tf_eval = preset_of(settings).eval_transform()
     out = {}
     for split in ("train", "val", "test"):
         split_rows = rows[split]
@@ -505,14 +480,14 @@ def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:di
     open_set = _fit_open_set(model, features, settings)
     metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
     out = Path(settings.output)
-    figures = save_figures(out/"figures", history, probs, test_targets.numpy(), test_paths, settings.class_names)
-    config = ModelConfig.for_backbone(settings.architecture, image_size=settings.image_size, crop_fraction=settings.crop_fraction,
-                                      class_names=tuple(settings.class_names), temperature=temperature, open_set=open_set,
-                                      dataset_version=prepared.version, metrics=metrics)
-    spec = get_backbone(settings.architecture)
-    tf_eval = eval_transform(settings.image_size, settings.crop_fraction, spec.mean, spec.std)
-    example = torch.stack([tf_eval(load_image(p, decode_size(settings.image_size, settings.crop_fraction))) for p in test_paths[:2]])
-    export_artifact(model, out, config, example=example)
+    save_figures(out/"figures", history, probs, test_targets.numpy(), test_paths, settings.class_names)
+    config = config_for_backbone(settings.architecture, settings.image_size, settings.crop_fraction,
+                                 class_names=tuple(settings.class_names), temperature=temperature, open_set=open_set,
+                                 dataset_version=prepared.version, metrics=metrics)
+    preset = Preset.from_config(config)
+    example = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in test_paths[:2]])
+    val_paths = features["val"][2]
+    export_artifact(model, out, config, example=example, check_images=val_paths[:: max(1, len(val_paths) // 32)][:32])
     print("test: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" (n={metrics['n_images']}, T={temperature:.3f})")
     print(f"open set: threshold p_cat_or_dog {open_set.threshold:.3f} keeps {open_set.val_kept:.1%} of validation "
           f"and {metrics['open_set_kept']:.1%} of test cats and dogs")
@@ -521,6 +496,7 @@ def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:di
     if tracker.enabled:
         tracker.log_artifacts(out/"figures", "figures")
         for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"): tracker.mlflow.log_artifact(str(out/name), "artifact")
+        tracker.log_artifacts(out/"check_images", "artifact/check_images")  # the whole artifact: what `models:/` URIs serve
         tracker.log_model(model, example)
         (out/"mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": settings.mlflow_tracking_uri}) + "\n")
     tracker.end()

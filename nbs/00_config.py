@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     open_set_offset: float = Field(6.0, description="Open-set head: Platt offset from score to p_cat_or_dog (fitted in development)")
 
     # --- inference and serving ---
-    model_dir: Path = Field(Path("artifacts/model"), description="Model artifact directory to serve")
-    backend: Literal["auto", "onnx", "torchscript", "eager"] = Field("auto", description="Inference backend; auto: fastest that matches eager")
+    model_dir: Path = Field(Path("artifacts/model"), description="Model artifact to serve: a directory, or a registry URI such as models:/catsdogs@champion")
+    backend: Literal["auto", "onnx", "openvino", "eager", "torchscript"] = Field("auto", description="Inference engine; auto: the fastest of onnx and openvino that agrees with onnx f32 on the model's check photos")
+    precision: Literal["auto", "f32", "bf16"] = Field("auto", description="Compute precision; bf16 needs the openvino backend and a CPU with bf16 units; auto: measured")
     tta: bool = Field(False, description="Average the prediction of the image and its mirror")
     open_set: bool = Field(True, description="Answer 'neither' for photos that show no cat or dog; --no-open-set: always cat or dog")
     open_set_threshold: float | None = Field(None, ge=0, le=1, description="Answer 'neither' below this p_cat_or_dog; unset: the model artifact's threshold")
@@ -109,6 +110,13 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
     allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
+    max_queue: int = Field(64, ge=1, description="Most images waiting for inference; past it a request gets 503 with Retry-After at once")
+    request_timeout_s: float = Field(10.0, gt=0, description="A queued image not answered within this gets 503, and its work is skipped")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of the 503 answers to overload")
+    body_timeout_s: float = Field(30.0, gt=0, description="Most time to receive a request body; slower uploads get 408 and the connection is closed")
+    max_connections: int = Field(1000, ge=1, description="Most concurrent connections and requests (uvicorn limit_concurrency); past it uvicorn answers 503")
+    keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this (uvicorn timeout_keep_alive)")
+    admin_token: str | None = Field(None, description="Bearer token of POST /admin/reload (reload the model, e.g. a new registry version); unset: the route is off")
 
 
 # %% [markdown]
@@ -169,11 +177,13 @@ def settings_parser(description:str, # What the command does
                     **kwargs) -> argparse.ArgumentParser:
     "An argument parser with one `--flag` per `Settings` field, defaults left to the environment."
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-    defaults = Settings()
+    try: defaults = Settings()
+    except ValidationError: defaults = None  # a bad CATSDOGS_* value: `parse_settings` reports it as a usage error
     for name in fields:
         info = Settings.model_fields[name]
         flag = "--" + name.replace("_", "-")
-        help_text = f"{info.description} (env CATSDOGS_{name.upper()}; now: {getattr(defaults, name)})"
+        now = getattr(defaults, name) if defaults is not None else "see the error"
+        help_text = f"{info.description} (env CATSDOGS_{name.upper()}; now: {now})"
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -212,4 +222,10 @@ with contextlib.redirect_stderr(io.StringIO()) as stderr:
     except SystemExit as e: test_eq(e.code, 2)
     else: raise AssertionError("an image size of 8 should be refused")
 test_eq("--image-size (or CATSDOGS_IMAGE_SIZE): Input should be greater than or equal to 32, got 8" in stderr.getvalue(), True)
-stderr.getvalue().splitlines()[-1]
+os.environ["CATSDOGS_OPEN_SET_THRESHOLD"] = "abc"  # so is a malformed environment variable
+with contextlib.redirect_stderr(io.StringIO()) as env_stderr:
+    try: parse_settings(settings_parser("demo", ["open_set_threshold"]), [])
+    except SystemExit as e: test_eq(e.code, 2)
+del os.environ["CATSDOGS_OPEN_SET_THRESHOLD"]
+test_eq("CATSDOGS_OPEN_SET_THRESHOLD" in env_stderr.getvalue(), True)
+stderr.getvalue().splitlines()[-1], env_stderr.getvalue().splitlines()[-1]

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Data
 #
-# > From photos on disk to a cleaned, versioned split manifest, a `Dataset`, and the one eval preprocessing that training and serving share.
+# > From photos on disk to a cleaned, versioned split manifest and a PyTorch `Dataset`.
 
 # %% [markdown]
 # The stage runs as `catsdogs_prepare` and does four things:
@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import re
-import shutil
-import struct
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -42,192 +38,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import imagehash
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2 as T
+from PIL import ImageOps
 from tqdm import tqdm
 
 from catsdogs.config import Settings, parse_settings, settings_parser
+from catsdogs.presets import (ImageError, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
+                              make_demo_folder, to_rgb)
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import contextlib
-
-
-# %% [markdown]
-# ## Demo data
-#
-# Examples and tests run on the real sample `../shared/data/PetImages-mini` beside the
-# checkout. Where it is absent, `make_demo_folder` writes a small stand-in with the same
-# layout and the same kinds of odd files, so every cell still runs.
-
-# %%
-#| export
-def make_demo_folder(dest:Path, # Folder to create (class subfolders go inside)
-                     n_per_class:int=12, # Good JPEGs per class
-                     seed:int=0) -> Path:
-    "Write a small PetImages-like folder of real JPEGs plus the odd files the real download has."
-    rng = np.random.default_rng(seed)
-    dest = Path(dest)
-    for label, channel in (("Cat", 0), ("Dog", 2)):
-        folder = dest/label; folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            pixels = rng.integers(0, 120, (96 + 8*i, 128, 3), dtype=np.uint8)
-            pixels[..., channel] += 120  # cats lean red, dogs blue
-            Image.fromarray(pixels).save(folder/f"{label.lower()}.{i}.jpg", quality=90)
-        (folder/"Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
-    cat = dest/"Cat"
-    (cat/"empty.jpg").write_bytes(b"")
-    (cat/"truncated.jpg").write_bytes((cat/"cat.0.jpg").read_bytes()[:400])
-    (cat/"notes.jpg").write_text("not an image")
-    Image.open(cat/"cat.1.jpg").convert("CMYK").save(cat/"cmyk.jpg")
-    Image.open(cat/"cat.2.jpg").convert("L").save(cat/"gray.jpg")
-    Image.open(cat/"cat.3.jpg").save(cat/"png_inside.jpg", format="PNG")
-    Image.open(cat/"cat.4.jpg").convert("RGBA").save(cat/"rgba.jpg", format="PNG")
-    shutil.copy(cat/"cat.5.jpg", cat/"copy_of_cat5.jpg")  # exact duplicate
-    Image.open(cat/"cat.6.jpg").resize((100, 86)).save(cat/"small_cat6.jpg", quality=70)  # near duplicate
-    shutil.copy(cat/"cat.7.jpg", dest/"Dog"/"mislabelled.jpg")  # same photo, other label
-    return dest
-
-def demo_data_dir() -> Path:
-    "The real sample beside the checkout when present, else a generated stand-in."
-    for base in (Path.cwd(), *Path.cwd().parents):
-        sample = base/"shared"/"data"/"PetImages-mini"
-        if sample.is_dir() and base.name != "shared": return sample
-        if (base/"settings.ini").exists():
-            sample = base.parent/"shared"/"data"/"PetImages-mini"
-            if sample.is_dir(): return sample
-            break
-    return make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
-
-
-# %%
-data_dir = demo_data_dir()
-data_dir, sorted(p.name for p in data_dir.iterdir())
+import contextlib, io, tempfile
+from catsdogs.presets import Preset
 
 
 # %% [markdown]
 # ## Finding the images
 #
-# A file's label comes from the nearest folder named after a class (`Cat/`, `cats/`, any
-# case), else from a Kaggle-style name (`dog.7.jpg`). Every file is listed, `Thumbs.db`
-# included, so the skipped report accounts for all of them.
+# `find_images` is `list_images` (from `catsdogs.presets`) as a table. Images come from the
+# sample beside the checkout when there is one (`demo_data_dir`), else from a generated
+# stand-in with the same layout and the same kinds of odd files.
 
 # %%
 #| export
-def _label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
-    "The class a relative path names by folder (nearest first) or by Kaggle-style file name."
-    for part in reversed(rel_path.parts[:-1]):
-        name = part.lower()
-        for c in class_names:
-            if name in (c, c + "s"): return c
-    m = re.match(r"^([a-z]+)[._-]\d+", rel_path.name.lower())
-    if m and m.group(1) in class_names: return m.group(1)
-    return None
-
 def find_images(root:Path, # Folder to scan recursively
                 class_names:tuple[str, ...]=("cat", "dog")) -> pd.DataFrame:
     "Every file under `root` with its label (None when neither folder nor name gives one), sorted by path."
-    root = Path(root)
-    if not root.is_dir(): raise FileNotFoundError(f"data folder not found: {root}")
-    rows = [(p.relative_to(root).as_posix(), _label_of(p.relative_to(root), class_names))
-            for p in root.rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
-    return pd.DataFrame(sorted(rows), columns=["path", "label"])
+    return pd.DataFrame(list_images(root, class_names), columns=["path", "label"])
 
 
 # %%
+data_dir = demo_data_dir()
 files = find_images(data_dir)
 test_eq(set(files.label.dropna()), {"cat", "dog"})
-test_eq(_label_of(Path("PetImages/Cat/1.jpg"), ("cat", "dog")), "cat")
-test_eq(_label_of(Path("train/dog.7.jpg"), ("cat", "dog")), "dog")
-test_eq(_label_of(Path("DOGS/x.jpg"), ("cat", "dog")), "dog")
-test_eq(_label_of(Path("misc/x.jpg"), ("cat", "dog")), None)
 files.label.value_counts(dropna=False)
-
-
-# %% [markdown]
-# ## Loading one image
-#
-# `load_image` is the only way the project turns bytes into pixels: preparation, training,
-# evaluation and the API all call it. It refuses decompression bombs before decoding,
-# decodes JPEGs in draft mode at the smallest scale that still covers the model input (a
-# large photo decodes several times faster), applies the EXIF orientation, takes the first
-# frame of animations, and converts every mode (CMYK, grayscale, palette, RGBA on white) to RGB.
-
-# %%
-#| export
-class ImageError(ValueError):
-    "A file that cannot be used as an image; `reason` is a short machine-readable cause."
-    def __init__(self, reason:str, detail:str=""):
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-def _open_image(source:Path|str|bytes, max_pixels:int|None) -> Image.Image:
-    "Open `source` lazily, raising `ImageError` for empty, unidentifiable or oversized input."
-    if isinstance(source, (bytes, bytearray)):
-        if not source: raise ImageError("empty file")
-        fp = io.BytesIO(source)
-    else:
-        if Path(source).stat().st_size == 0: raise ImageError("empty file")
-        fp = source
-    try: img = Image.open(fp)
-    except UnidentifiedImageError as e: raise ImageError("not an image", "unknown format") from e
-    except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
-    if max_pixels and img.width * img.height > max_pixels:
-        raise ImageError("too many pixels", f"{img.width}x{img.height} is over the limit of {max_pixels:,} pixels")
-    return img
-
-def to_rgb(img:Image.Image) -> Image.Image:
-    "Convert any PIL mode to RGB; transparent pixels become white rather than black."
-    if img.mode == "RGB": return img
-    if img.mode == "P" and "transparency" in img.info: img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) / 256, 0, 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
-
-def load_image(source:Path|str|bytes, # A path or the file's bytes
-               draft_size:int|None=None, # JPEG: decode at the smallest scale with both sides >= this
-               max_pixels:int|None=None, # Refuse larger images before decoding
-              ) -> Image.Image:
-    "Decode an image file into an upright RGB PIL image, or raise `ImageError`."
-    try:
-        img = _open_image(source, max_pixels)
-        if draft_size and img.format == "JPEG": img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except (ImageError, FileNotFoundError): raise
-    except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what PIL's many decoders raise
-        raise ImageError("corrupt or truncated image", str(e)) from e
-
-
-# %%
-img = load_image(data_dir/"Cat"/"cat.1.jpg")
-test_eq(img.mode, "RGB")
-buf = io.BytesIO(); Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buf, format="PNG")
-test_eq(load_image(buf.getvalue()).getpixel((0, 0)), (255, 255, 255))
-test_fail(lambda: load_image(b""), contains="empty file")
-test_fail(lambda: load_image(b"hello"), contains="not an image")
-test_fail(lambda: load_image(buf.getvalue(), max_pixels=10), contains="too many pixels")
-test_fail(lambda: load_image(buf.getvalue()[:20]), contains="corrupt or truncated")  # cut inside the PNG header
-img
-
-# %% [markdown]
-# EXIF orientation is applied: a photo stored sideways with the "rotate 90°" tag comes out upright.
-
-# %%
-exif = Image.Exif(); exif[0x0112] = 6  # Orientation: rotate 90 CW on display
-buf = io.BytesIO(); Image.new("RGB", (40, 20)).save(buf, format="JPEG", exif=exif)
-test_eq(load_image(buf.getvalue()).size, (20, 40))
 
 # %% [markdown]
 # ## Validating every file
@@ -618,45 +464,6 @@ message = stderr.getvalue()
 assert "cannot download http://127.0.0.1:9/kagglecatsanddogs.zip: [Errno 111] Connection refused" in message and "--data-dir" in message
 print(message)
 
-# %% [markdown]
-# ## Preprocessing: one function for training, evaluation and serving
-#
-# `eval_transform` is *the* preprocessing at inference time: resize the shorter side to
-# `image_size / crop_fraction`, centre-crop `image_size`, scale to [0, 1], normalise. Training,
-# `catsdogs_eval`, the predictor and the tests all import it, so there is no train/serve skew.
-# `train_transform` adds the augmentation. `decode_size` is the JPEG draft size both use.
-
-# %%
-#| export
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def decode_size(image_size:int|None=None, crop_fraction:float|None=None) -> int:
-    "The shorter side images are resized to before cropping; also the JPEG draft size (defaults: `Settings`)."
-    defaults = Settings()
-    return int(round((image_size or defaults.image_size) / (crop_fraction or defaults.crop_fraction)))
-
-def eval_transform(image_size:int|None=None, crop_fraction:float|None=None,
-                   mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
-    "Deterministic preprocessing from an RGB PIL image to a normalised CHW float tensor (defaults: `Settings`)."
-    image_size = image_size or Settings().image_size
-    return T.Compose([T.Resize(decode_size(image_size, crop_fraction), antialias=True), T.CenterCrop(image_size),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
-
-def train_transform(image_size:int|None=None, mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD) -> T.Compose:
-    "Training augmentation: random resized crop, flip, small rotation, colour jitter, random erasing."
-    return T.Compose([T.RandomResizedCrop(image_size or Settings().image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                      T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.02),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std),
-                      T.RandomErasing(p=0.25, scale=(0.02, 0.15))])
-
-
-# %%
-size = Settings().image_size
-x = eval_transform()(load_image(data_dir/"Dog"/"dog.1.jpg", draft_size=decode_size()))
-test_eq((x.shape, x.dtype), ((3, size, size), torch.float32))
-test_eq(train_transform(160)(img).shape, (3, 160, 160))
-test_eq(decode_size(224, 0.875), 256)
-
 
 # %% [markdown]
 # ## `ImageDataset`
@@ -678,7 +485,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 # %%
-ds = ImageDataset(prepared.split("train"), prepared.root, eval_transform(), draft_size=decode_size())
+preset = Preset(image_size=288, crop_fraction=0.875)
+ds = ImageDataset(prepared.split("train"), prepared.root, preset.eval_transform(), draft_size=preset.resize_size)
 x, y = ds[0]
-test_eq(x.shape, (3, size, size)); test_eq(y, ("cat", "dog").index(prepared.split("train").label[0]))
+test_eq(x.shape, (3, 288, 288)); test_eq(y, ("cat", "dog").index(prepared.split("train").label[0]))
 len(ds)

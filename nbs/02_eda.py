@@ -20,8 +20,8 @@ import torch
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by libraries) without ipywidgets
 from catsdogs.config import Settings
-from catsdogs.data import (IMAGENET_MEAN, IMAGENET_STD, build_manifest, decode_size, demo_data_dir,
-                           eval_transform, find_images, load_image, train_transform)
+from catsdogs.data import build_manifest, demo_data_dir, find_images
+from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, Preset
 
 # %%
 #| hide
@@ -51,7 +51,8 @@ manifest.head(3)
 
 # %% [markdown]
 # Two small display helpers: a thumbnail on an axis, and a normalised tensor turned back
-# into pixels (the transforms normalise with `IMAGENET_MEAN`/`IMAGENET_STD`).
+# into pixels. The figures use the preprocessing of `Settings` with ImageNet's normalisation
+# (`IMAGENET_MEAN`/`IMAGENET_STD`).
 
 # %%
 def _show(ax, img, title:str=""):
@@ -61,11 +62,12 @@ def _show(ax, img, title:str=""):
 def _denormalise(x:torch.Tensor) -> np.ndarray:
     "A normalised CHW tensor back to an HWC array in [0, 1] for `imshow`."
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return (torch.as_tensor(x) * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
+preset = Preset(settings.image_size, settings.crop_fraction, IMAGENET_MEAN, IMAGENET_STD)
 
 # %%
-x = eval_transform()(load_image(data_dir/manifest.path[0]))
+x = preset.eval_array(preset.load(data_dir/manifest.path[0]))
 test_eq(_denormalise(x).shape, (settings.image_size, settings.image_size, 3))
 test_eq(float(_denormalise(torch.zeros(3, 2, 2))[0, 0, 0]), float(torch.tensor(IMAGENET_MEAN[0])))
 
@@ -77,7 +79,7 @@ per_class = 8
 picks = manifest.groupby("label").sample(per_class, random_state=settings.seed)
 fig, axs = plt.subplots(manifest.label.nunique(), per_class, figsize=(12, 3.3))
 for ax, row in zip(axs.flat, picks.itertuples()):
-    _show(ax, load_image(data_dir/row.path, draft_size=decode_size()), f"{row.label}  {row.width}×{row.height}")
+    _show(ax, preset.load(data_dir/row.path), f"{row.label}  {row.width}×{row.height}")
 fig.tight_layout(); plt.show()
 
 # %% [markdown]
@@ -120,7 +122,7 @@ fig, axs = plt.subplots(1, 3, figsize=(13, 3.6))
 sns.scatterplot(data=sizes, x="width", y="height", hue="label", s=10, alpha=0.4, linewidth=0, ax=axs[0])
 axs[0].set_title("width × height (pixels, after EXIF rotation)")
 sns.histplot(data=sizes, x="shorter", bins=40, ax=axs[1])
-for side, name, ls in ((decode_size(settings.image_size, settings.crop_fraction), "eval resize", "--"), (settings.image_size, "model input", ":")):
+for side, name, ls in ((preset.resize_size, "eval resize", "--"), (settings.image_size, "model input", ":")):
     axs[1].axvline(side, color="k", ls=ls, lw=1, label=f"{name} {side}")
 axs[1].legend(fontsize=8); axs[1].set_title("shorter side (pixels)")
 sns.histplot(data=sizes, x="aspect", bins=40, ax=axs[2])
@@ -129,7 +131,7 @@ axs[2].set_title("aspect ratio width/height (lines: 3:4, 1:1, 4:3)")
 fig.tight_layout(); plt.show()
 
 # %%
-small = sizes.shorter < decode_size(settings.image_size, settings.crop_fraction)
+small = sizes.shorter < preset.resize_size
 pd.DataFrame({"median": sizes[["width", "height", "shorter", "aspect"]].median(),
               "min": sizes[["width", "height", "shorter", "aspect"]].min(),
               "max": sizes[["width", "height", "shorter", "aspect"]].max()}).round(2).assign(
@@ -219,7 +221,7 @@ fig, axs = plt.subplots(max(len(shown), 1), ncols, figsize=(2.4 * ncols, 2.0 * m
 for ax in axs.flat: ax.axis("off")
 for r, g in enumerate(shown):
     for c, row in enumerate(manifest[manifest.group == g].head(most).itertuples()):
-        _show(axs[r, c], load_image(data_dir/row.path, draft_size=decode_size()),
+        _show(axs[r, c], preset.load(data_dir/row.path),
               f"{row.path}\n{row.width}×{row.height} {row.format}/{row.mode} {row.bytes/1e3:.0f} kB · {row.split}")
 fig.tight_layout(); plt.show()
 
@@ -236,15 +238,15 @@ fig.tight_layout(); plt.show()
 # %% [markdown]
 # ## Augmentation
 #
-# One image through `eval_transform` (what validation, testing and the API see) and through
-# `train_transform` several times (what training sees), seeded so the figure is reproducible.
+# One image through the preset's `eval_array` (what validation, testing and the API see) and
+# through its `train_transform` several times (what training sees), seeded so the figure is reproducible.
 
 # %%
 row = picks.iloc[0]
-img = load_image(data_dir/row.path, draft_size=decode_size(settings.image_size, settings.crop_fraction))
-evaluate, augment = eval_transform(settings.image_size, settings.crop_fraction), train_transform(settings.image_size)
+img = preset.load(data_dir/row.path)
+evaluate, augment = preset.eval_array, preset.train_transform()
 torch.manual_seed(settings.seed)
-views = [("original", np.asarray(img)), ("eval_transform", _denormalise(evaluate(img)))]
+views = [("original", np.asarray(img)), ("eval_array", _denormalise(evaluate(img)))]
 views += [(f"train_transform #{i}", _denormalise(augment(img))) for i in range(1, 7)]
 test_eq(views[1][1].shape, (settings.image_size, settings.image_size, 3))
 fig, axs = plt.subplots(2, 4, figsize=(9, 4.9))

@@ -22,23 +22,21 @@
 #| export
 from __future__ import annotations
 
-import json
+import shutil
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import timm
 import torch
 import torchvision
-from scipy.special import expit
 from torch import nn
 from torch.nn import functional as F
 
-from catsdogs.data import IMAGENET_MEAN, IMAGENET_STD
+from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig
 
 # %%
 #| hide
@@ -257,26 +255,11 @@ class OpenSetHead(nn.Module):
 # above 0.5, keeping 99% of them refuses some photos that are somewhat more likely pets than
 # not, and such a "neither" answer has a confidence, `1 - p_cat_or_dog`, below 0.5. It sits
 # halfway between the last validation score it refuses and the first it keeps, so a rounding
-# difference between backends cannot move a photo across. `OpenSetConfig` is what
-# `model_config.json` records.
+# difference between backends cannot move a photo across. `OpenSetConfig` (in `catsdogs.presets`,
+# beside `ModelConfig`) is what `model_config.json` records.
 
 # %%
 #| export
-@dataclass
-class OpenSetConfig:
-    "The fitted open-set head's numbers, as `model_config.json` records them."
-    threshold: float # Answer "neither" when p_cat_or_dog is below this
-    k: int = 5
-    bank_size: int = 0
-    slope: float = 3.0
-    offset: float = 6.0
-    keep_rate: float = 0.99
-    val_kept: float = 1.0 # Share of validation cats and dogs at or above the threshold
-
-    def probability(self, score:np.ndarray) -> np.ndarray:
-        "`p_cat_or_dog` for open-set scores."
-        return expit(self.slope * np.asarray(score, dtype=np.float64) + self.offset)
-
 def _quantile(x:torch.Tensor, q:float) -> torch.Tensor:
     "Quantiles of each column of `x`."
     return torch.quantile(x.double(), q, dim=0).float()
@@ -330,36 +313,6 @@ fitted
 
 
 # %% [markdown]
-# Open-set quality is measured as in the literature: ROC AUC of `p_cat_or_dog` between cats and
-# dogs and outliers, the share of outliers accepted at the thresholds that keep 95% and 99% of
-# the cats and dogs (FPR at 95% and 99% TPR), and, at the model's own threshold, the shares of
-# outliers refused and of cats and dogs kept.
-
-# %%
-#| export
-def open_set_metrics(p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dogs
-                     p_outliers:np.ndarray, # p_cat_or_dog of photos of neither
-                     threshold:float) -> dict: # The model's threshold
-    "ROC AUC, FPR at 95% and 99% TPR, and the shares refused and kept at `threshold`."
-    from sklearn.metrics import roc_auc_score
-    p_pets, p_outliers = np.asarray(p_pets, dtype=np.float64), np.asarray(p_outliers, dtype=np.float64)
-    labels = np.r_[np.ones(len(p_pets)), np.zeros(len(p_outliers))]
-    return {"ood_roc_auc": float(roc_auc_score(labels, np.r_[p_pets, p_outliers])),
-            "ood_fpr_at_95_tpr": float((p_outliers >= np.quantile(p_pets, 0.05)).mean()),
-            "ood_fpr_at_99_tpr": float((p_outliers >= np.quantile(p_pets, 0.01)).mean()),
-            "ood_refused": float((p_outliers < threshold).mean()),
-            "pets_kept": float((p_pets >= threshold).mean()),
-            "n_outliers": int(len(p_outliers))}
-
-
-# %%
-rng = np.random.default_rng(0)
-m = open_set_metrics(rng.uniform(0.6, 1, 100), rng.uniform(0, 0.7, 100), threshold=0.62)  # 5% of pets and 15% of outliers overlap
-assert 0.9 < m["ood_roc_auc"] < 1 and m["ood_refused"] > 0.8 and m["pets_kept"] > 0.9
-m
-
-
-# %% [markdown]
 # ## The classifier
 
 # %%
@@ -410,9 +363,12 @@ sum(p.numel() for p in model.parameters() if p.requires_grad)
 # - `model_config.json`: architecture, image size, crop, normalisation, class names, softmax
 #   temperature, the open-set head's numbers and threshold, dataset version, metrics, code version;
 # - `model.ts` (TorchScript) and `model.onnx` (ONNX, dynamic batch), both producing logits and,
-#   once the open-set head is fitted, a second output `open_set_score`.
+#   once the open-set head is fitted, a second output `open_set_score`;
+# - `check_images/`: a few real validation photos, on which the predictor checks that a faster
+#   engine (OpenVINO, bf16) agrees with the reference before it serves with it.
 #
-# `ModelConfig` is that JSON file's schema.
+# `ModelConfig` (in `catsdogs.presets`, so serving reads it without PyTorch) is that JSON file's
+# schema; `config_for_backbone` fills in the backbone's normalisation.
 
 # %%
 #| export
@@ -426,41 +382,11 @@ def code_version() -> str:
         return f"{__version__}+{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.CalledProcessError, NameError): return __version__
 
-@dataclass
-class ModelConfig:
-    "What `model_config.json` records about a trained model."
-    architecture: str = "efficientnet_lite0"
-    image_size: int = 224
-    crop_fraction: float = 0.875
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    class_names: tuple = ("cat", "dog")
-    temperature: float = 1.0
-    dropout: float = 0.2
-    open_set: OpenSetConfig|None = None # The fitted open-set head; None: cat or dog only
-    dataset_version: str = ""
-    metrics: dict = field(default_factory=dict)
-    code_version: str = ""
-    created: str = ""
-
-    @classmethod
-    def for_backbone(cls, architecture:str, **kwargs) -> ModelConfig:
-        "A config with the backbone's own normalisation."
-        spec = get_backbone(architecture)
-        return cls(architecture=architecture, mean=tuple(spec.mean), std=tuple(spec.std), **kwargs)
-
-    def save(self, path:Path):
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path:Path) -> ModelConfig:
-        "Read `model_config.json`; the preprocessing fields must be there, never guessed."
-        raw = json.loads(Path(path).read_text())
-        missing = [k for k in ("architecture", "image_size", "crop_fraction", "mean", "std", "class_names") if k not in raw]
-        if missing: raise ValueError(f"{path} lacks {', '.join(missing)}")
-        known = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        if known.get("open_set") is not None: known["open_set"] = OpenSetConfig(**known["open_set"])
-        return cls(**known)
+def config_for_backbone(architecture:str, # A name in the backbone registry
+                        image_size:int, crop_fraction:float, **kwargs) -> ModelConfig:
+    "A `ModelConfig` with the backbone's own normalisation."
+    spec = get_backbone(architecture)
+    return ModelConfig(architecture, image_size, crop_fraction, tuple(spec.mean), tuple(spec.std), **kwargs)
 
 
 # %% [markdown]
@@ -487,8 +413,9 @@ def export_onnx(model:nn.Module, path:Path, example:torch.Tensor, output_names:t
 def _as_tuple(out) -> tuple: return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:torch.Tensor|None=None,
-                    atol:float=1e-3) -> Path:
-    "Write weights, `model_config.json`, TorchScript and ONNX to `out`, checking both exports against eager."
+                    atol:float=1e-3,
+                    check_images:list[Path]=()) -> Path: # Real validation photos, copied to `check_images/`
+    "Write weights, `model_config.json`, TorchScript, ONNX and check photos to `out`, checking both exports against eager."
     import onnxruntime as ort
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
@@ -510,6 +437,9 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     weights = {k: v for k, v in model.state_dict().items() if config.open_set or not k.startswith("open_set.")}
     torch.save(weights, out/"weights.pt")
     scripted.save(str(out/"model.ts"))
+    if check_images:
+        shutil.rmtree(out/"check_images", ignore_errors=True); (out/"check_images").mkdir()
+        for i, path in enumerate(check_images): shutil.copyfile(path, out/"check_images"/f"{i:03d}{Path(path).suffix.lower()}")
     config.save(out/"model_config.json")
     return out
 
@@ -526,7 +456,7 @@ def load_model(path:Path, device:str="cpu") -> tuple[CatsDogsNet, ModelConfig]:
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
-    config = ModelConfig.for_backbone("small_cnn", image_size=64)
+    config = config_for_backbone("small_cnn", 64, 0.875)
     export_artifact(build_model("small_cnn", pretrained=False), tmp, config)
     test_eq(sorted(p.name for p in Path(tmp).iterdir()), ["model.onnx", "model.ts", "model_config.json", "weights.pt"])
     reloaded, reloaded_config = load_model(tmp)
@@ -543,7 +473,7 @@ import onnxruntime as ort
 model = build_model("small_cnn", pretrained=False).eval()
 with torch.no_grad(): features = model.backbone(torch.randn(12, 3, 64, 64))
 with tempfile.TemporaryDirectory() as tmp:
-    config = ModelConfig.for_backbone("small_cnn", image_size=64, open_set=fit_open_set(model.open_set, features[:8], features[8:]))
+    config = config_for_backbone("small_cnn", 64, 0.875, open_set=fit_open_set(model.open_set, features[:8], features[8:]))
     export_artifact(model, tmp, config)
     reloaded, reloaded_config = load_model(tmp)
     test_eq(reloaded_config.open_set, config.open_set)

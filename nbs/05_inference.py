@@ -4,21 +4,27 @@
 # %% [markdown]
 # # Inference
 #
-# > A `Predictor` that loads a model artifact with the fastest backend that agrees with eager PyTorch, answers "cat", "dog" or "neither", and `catsdogs_predict` and `catsdogs_eval` on top of it.
+# > A `Predictor` that loads a model artifact with the fastest engine that agrees with the reference on real photos, answers "cat", "dog" or "neither", and `catsdogs_predict` and `catsdogs_eval` on top of it; no PyTorch needed.
 
 # %% [markdown]
 # The predictor is what the CLI, the HTTP service and the benchmarks share. It
 #
 # 1. reads the artifact written by `export_artifact` (`model_config.json`, `weights.pt`,
-#    `model.ts`, `model.onnx`);
-# 2. runs one of three **backends**: `eager` PyTorch (channels-last), `torchscript`, or `onnx`
-#    (ONNX Runtime, spinning threads off so it leaves the cores to image decoding); `auto`
-#    times each briefly at load and keeps the fastest whose probabilities match eager within 1e-3;
-# 3. turns bytes into a tensor with `load_image` and the artifact's own `eval_transform`, the
-#    preprocessing training used (nothing about image size or normalisation is typed here);
+#    `model.ts`, `model.onnx`, and `check_images/`, a few real validation photos);
+# 2. runs one of four **backends**: `onnx` (ONNX Runtime), `openvino` (Intel's OpenVINO, which
+#    reads the same `model.onnx`, in `f32` or, on CPUs with bf16 units, `bf16`), and the two that
+#    need PyTorch, `eager` and `torchscript`. `auto` measures the two engines that need no
+#    PyTorch at load and keeps the fastest that agrees with the reference on the check photos
+#    (below);
+# 3. turns bytes into a model input with the artifact's own `Preset` (`catsdogs.presets`), the
+#    preprocessing training used: nothing about image size or normalisation is typed here;
 # 4. applies the stored softmax temperature and, optionally, flip test-time augmentation;
 # 5. turns the open-set score into `p_cat_or_dog` and answers `"neither"` below the artifact's
 #    threshold (or `open_set_threshold`), unless `open_set` is off.
+#
+# Nothing in this module imports PyTorch unless the `eager` or `torchscript` backend is asked
+# for, so `pip install "catsdogs[serve]"` (ONNX Runtime and OpenVINO, no PyTorch) is enough to
+# predict, evaluate and serve.
 
 # %%
 #| export
@@ -28,27 +34,29 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from catsdogs.config import Settings, parse_settings, settings_parser
-from catsdogs.data import ImageError, decode_size, eval_transform, find_images, load_image
-from catsdogs.model import ModelConfig, OpenSetConfig, load_model, open_set_metrics
-from catsdogs.training import classification_metrics
+from catsdogs.metrics import classification_metrics, open_set_metrics
+from catsdogs.presets import ImageError, ModelConfig, OpenSetConfig, Preset, list_images
 
 # %%
 #| hide
-import tempfile
+import torch
 from fastcore.test import test_eq, test_fail, test_close
-from catsdogs.data import demo_data_dir
-from catsdogs.model import build_model, export_artifact, fit_open_set
+from catsdogs.presets import demo_data_dir
+from catsdogs.model import build_model, config_for_backbone, export_artifact, fit_open_set
 
 # %%
 #| export
@@ -57,18 +65,20 @@ logger = logging.getLogger("catsdogs.inference")
 # %% [markdown]
 # Examples run on a small untrained artifact in a temporary folder, its open-set head fitted on
 # a few sample photos (its predictions are meaningless, but every backend must still agree
-# with eager), and on the image sample.
+# with the reference), and on the image sample.
 
 # %%
 tmp = tempfile.TemporaryDirectory()
 data_dir = demo_data_dir()
 cat_jpg, dog_jpg = sorted((data_dir/"Cat").glob("cat.*.jpg"))[0], sorted((data_dir/"Dog").glob("dog.*.jpg"))[0]
 untrained = build_model("small_cnn", pretrained=False).eval()
-tf = eval_transform(96, 0.875)
+config = config_for_backbone("small_cnn", 96, 0.875)
+preset = Preset.from_config(config)
 photos = sorted((data_dir/"Cat").glob("cat.*.jpg"))[:12] + sorted((data_dir/"Dog").glob("dog.*.jpg"))[:12]
-with torch.no_grad(): features = untrained.backbone(torch.stack([tf(load_image(p)) for p in photos]))
-open_set = fit_open_set(untrained.open_set, features[::2], features[1::2])
-artifact = export_artifact(untrained, Path(tmp.name)/"model", ModelConfig.for_backbone("small_cnn", image_size=96, open_set=open_set))
+with torch.no_grad(): features = untrained.backbone(torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in photos]))
+config.open_set = fit_open_set(untrained.open_set, features[::2], features[1::2])
+artifact = export_artifact(untrained, Path(tmp.name)/"model", config, check_images=photos[::3])
+sorted(p.name for p in artifact.iterdir())
 
 # %% [markdown]
 # ## One prediction
@@ -135,11 +145,17 @@ preds[1]
 #
 # Each backend is a function from a float32 batch `(N, 3, H, W)` to a tuple: logits
 # `(N, classes)` and, when the artifact has a fitted open-set head, its score `(N,)`.
-# `default_threads` is the number of cores this process may use, unless the settings say otherwise.
+# `default_threads` is the number of cores this process may use, unless the settings say
+# otherwise. ONNX Runtime's threads sleep rather than spin when idle, and OpenVINO's are not
+# pinned to cores, so both leave the cores to image decoding between batches. OpenVINO runs a
+# single stream with `threads` threads: one batch at a time, which is how the service feeds it
+# (the micro-batcher makes the batches; see the serving notebook).
 
 # %%
 #| export
-BACKENDS = ("eager", "torchscript", "onnx")
+BACKENDS = ("onnx", "openvino", "eager", "torchscript")
+AUTO_BACKENDS = ("onnx", "openvino")  # what `auto` chooses among: the engines that need no PyTorch
+PRECISIONS = ("f32", "bf16")
 
 def default_threads(threads:int=0) -> int:
     "`threads` if positive, else the cores this process may run on."
@@ -147,20 +163,30 @@ def default_threads(threads:int=0) -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+def openvino_precisions() -> tuple[str, ...]:
+    "What OpenVINO's CPU plugin computes in on this machine: `f32`, and `bf16` where the CPU has bf16 units (AMX, AVX-512 BF16)."
+    import openvino as ov
+    return ("f32", "bf16") if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ("f32",)
+
 def _numpy_outputs(out) -> tuple:
     "A graph's output(s) as a tuple of NumPy arrays."
     return tuple(o.numpy() for o in out) if isinstance(out, (tuple, list)) else (out.numpy(),)
 
-def _eager_runner(model:torch.nn.Module, open_set:bool) -> Callable:
+def _eager_runner(model_dir:Path, threads:int) -> Callable:
     "Eager PyTorch in channels-last memory format (faster for convolutions on CPU)."
-    model = model.to(memory_format=torch.channels_last)
-    forward = model.forward_open_set if open_set else model
+    import torch
+    from catsdogs.model import load_model
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)[0].to(memory_format=torch.channels_last)
+    forward = model.forward_open_set if model.open_set is not None and model.open_set.bank.numel() > 0 else model
     def run(x):
         with torch.inference_mode(): return _numpy_outputs(forward(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)))
     return run
 
-def _torchscript_runner(path:Path) -> Callable:
+def _torchscript_runner(path:Path, threads:int) -> Callable:
     "The traced TorchScript graph `model.ts`."
+    import torch
+    torch.set_num_threads(threads)
     module = torch.jit.load(str(path), map_location="cpu").eval()
     def run(x):
         with torch.inference_mode(): return _numpy_outputs(module(torch.from_numpy(x)))
@@ -177,24 +203,40 @@ def _onnx_runner(path:Path, threads:int) -> Callable:
     outputs = [o.name for o in session.get_outputs()]
     return lambda x: tuple(session.run(outputs, {"images": x}))
 
+def _openvino_runner(path:Path, threads:int, precision:str) -> Callable:
+    "OpenVINO on `model.onnx`: one stream of `threads` unpinned threads, computing in `precision`."
+    import openvino as ov
+    if precision not in openvino_precisions():
+        raise ValueError(f"OpenVINO has no {precision} on this CPU (it offers {', '.join(openvino_precisions())})")
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
+                                                           "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False})
+    request, lock = compiled.create_infer_request(), threading.Lock()
+    def run(x):
+        with lock:  # one request, reused; its output buffers are copied out before the next call
+            result = request.infer({0: x})
+            return tuple(np.array(result[o]) for o in compiled.outputs)
+    return run
+
+_FILES = {"onnx": "model.onnx", "openvino": "model.onnx", "torchscript": "model.ts", "eager": "weights.pt"}
+
 def make_runner(backend:str, # One of `BACKENDS`
                 model_dir:Path, # The artifact directory
-                threads:int=0, # Intra-op threads; 0: one per core
-                model:torch.nn.Module|None=None) -> Callable:
+                threads:int=0, # Inference threads; 0: one per core
+                precision:str="f32") -> Callable: # `f32`, or `bf16` (OpenVINO only)
     "A `batch -> (logits, open-set score)` function for `backend` on the artifact in `model_dir` (logits alone without an open-set head)."
     model_dir, threads = Path(model_dir), default_threads(threads)
-    if backend == "eager":
-        model, config = (model, None) if model is not None else load_model(model_dir)
-        return _eager_runner(model, open_set=model.open_set is not None and model.open_set.bank.numel() > 0)
-    files = {"torchscript": "model.ts", "onnx": "model.onnx"}
-    if backend not in files: raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
-    if not (model_dir/files[backend]).exists(): raise FileNotFoundError(f"no {files[backend]} in {model_dir}")
-    if backend == "torchscript": return _torchscript_runner(model_dir/files[backend])
-    return _onnx_runner(model_dir/files[backend], threads)
+    if backend not in BACKENDS: raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+    if precision not in PRECISIONS: raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS} or 'auto'")
+    if precision != "f32" and backend != "openvino": raise ValueError(f"{backend} runs in f32 only; {precision} needs --backend openvino")
+    if not (model_dir/_FILES[backend]).is_file(): raise FileNotFoundError(f"no {_FILES[backend]} in {model_dir}")
+    if backend == "eager": return _eager_runner(model_dir, threads)
+    if backend == "torchscript": return _torchscript_runner(model_dir/_FILES[backend], threads)
+    if backend == "openvino": return _openvino_runner(model_dir/_FILES[backend], threads, precision)
+    return _onnx_runner(model_dir/_FILES[backend], threads)
 
 
 # %% [markdown]
-# All three give the same logits on the same batch:
+# All four give the same logits on the same batch, to float32 rounding:
 
 # %%
 x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
@@ -203,14 +245,35 @@ for b in BACKENDS:
     test_eq(len(outputs[b]), 2)  # logits and the open-set score
     for got, expected in zip(outputs[b], outputs["eager"]): test_close(got, expected, eps=1e-4)
 test_fail(lambda: make_runner("tensorrt", artifact), contains="choose one of")
+test_fail(lambda: make_runner("onnx", artifact, precision="bf16"), contains="needs --backend openvino")
+{b: o[0][0].round(4) for b, o in outputs.items()}, openvino_precisions()
 
 
 # %% [markdown]
 # ## Choosing a backend
 #
-# `choose_backend` checks every backend against eager on a few images (the probabilities must
-# match within `atol`), times a batch of one and a batch of four after a warm-up (within a small time budget, so a
-# slow backend cannot hold up start-up), and keeps the fastest. A backend that fails to load or disagrees is skipped, with the reason logged.
+# `auto` chooses by measurement, on the machine that serves, never by assumption about its
+# CPU. The candidates are ONNX Runtime and OpenVINO in each precision the CPU offers (eager and
+# TorchScript would load PyTorch into the process, and were never the fastest). Each must first
+# **agree** with the reference, ONNX Runtime in f32 (which the export checked against eager
+# PyTorch), on the artifact's check photos:
+# real validation cats and dogs written by training (older artifacts without them get synthetic
+# patterns, and a warning):
+#
+# - an **f32** engine computes the same function in a different order: its probabilities (and
+#   the open-set score, compared as `s / (1 + |s|)`) must match within `atol` = 1e-3;
+# - a **bf16** engine rounds every activation to 8 significant bits. Measured on an
+#   AMX Xeon with the default model (EfficientNet-Lite0, 288 px), that moves calibrated
+#   probabilities by up to 0.039, with every label unchanged; an element-wise 1e-3 would refuse
+#   it for no loss of accuracy. It must agree within `reduced_atol` = 0.05 on the probabilities
+#   and on `p_cat_or_dog`, and give the same answer (cat, dog or neither) on every photo,
+#   except one the reference itself places within 0.05 of a decision boundary (such a photo is
+#   a coin flip, and rounding may flip it).
+#
+# Then each agreeing candidate is **timed** on a batch of one and a batch of eight (warm-up
+# first, within a small time budget, so a slow engine cannot hold up start-up), and the fastest
+# by the sum is kept. A candidate that fails to load or disagrees is skipped, with the reason
+# logged.
 
 # %%
 #| export
@@ -225,6 +288,12 @@ def calibration_images(n:int=4, seed:int=0) -> list[Image.Image]:
         images.append(Image.fromarray(pixels))
     return images
 
+def check_batch(model_dir:Path, preset:Preset) -> tuple[np.ndarray, bool]:
+    "The artifact's check photos, preprocessed, and True; or synthetic patterns and False for an artifact without them."
+    paths = sorted(p for p in (Path(model_dir)/"check_images").glob("*") if p.is_file())
+    if paths: return np.stack([preset.eval_array(preset.load(p)) for p in paths]), True
+    return np.stack([preset.eval_array(im) for im in calibration_images(8)]), False
+
 def _time_ms(run:Callable, x:np.ndarray, repeat:int=5, budget_s:float=0.5) -> float:
     "Median wall time of `run(x)` in ms after a warm-up call: `repeat` runs, fewer if they pass `budget_s`."
     run(x)
@@ -234,39 +303,74 @@ def _time_ms(run:Callable, x:np.ndarray, repeat:int=5, budget_s:float=0.5) -> fl
     return float(np.median(times)) * 1000
 
 def _compared(outputs:tuple, temperature:float, open_set:OpenSetConfig|None) -> np.ndarray:
-    "What backends must agree on: class probabilities and, with an open-set head, its score (relative to its size)."
+    "What f32 backends must agree on: class probabilities and, with an open-set head, its score (relative to its size)."
     probs = softmax(outputs[0], temperature)
     if open_set is None or len(outputs) < 2: return probs
     score = np.asarray(outputs[1], dtype=np.float64)
     return np.c_[probs, score / (1 + np.abs(score))]  # the raw score: p_cat_or_dog of test patterns is ~0 and hides differences
 
-def choose_backend(runners:dict[str, Callable], # Backend name -> runner; must include "eager"
-                   batch:np.ndarray, # A few preprocessed images
-                   temperature:float=1.0, atol:float=1e-3,
-                   open_set:OpenSetConfig|None=None) -> tuple[str, dict[str, float]]: # Compare p_cat_or_dog too
-    "The fastest runner whose probabilities match eager's within `atol`, and each one's time (batch 1 + batch 4, ms)."
-    reference = _compared(runners["eager"](batch), temperature, open_set)
+def _disagreement(got:tuple, reference:tuple, temperature:float, open_set:OpenSetConfig|None,
+                  reduced:bool, atol:float, reduced_atol:float) -> str|None:
+    "Why `got` does not agree with `reference` (the rules above), or None when it does."
+    if len(got) != len(reference) or got[0].shape != reference[0].shape: return "outputs of another shape"
+    if not reduced:
+        diff = float(np.abs(_compared(got, temperature, open_set) - _compared(reference, temperature, open_set)).max())
+        return None if diff < atol else f"differs by {diff:.1e} (>= {atol:.0e})"
+    p, p_ref = softmax(got[0], temperature), softmax(reference[0], temperature)
+    diffs = {"probabilities": np.abs(p - p_ref).max()}
+    flips = (p.argmax(1) != p_ref.argmax(1)) & (np.abs(p_ref.max(1) - 0.5) > reduced_atol)
+    if open_set is not None and len(got) > 1:
+        q, q_ref = open_set.probability(got[1]), open_set.probability(reference[1])
+        diffs["p_cat_or_dog"] = np.abs(q - q_ref).max()
+        flips |= ((q >= open_set.threshold) != (q_ref >= open_set.threshold)) & (np.abs(q_ref - open_set.threshold) > reduced_atol)
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > reduced_atol: return f"{worst} differ by {diffs[worst]:.3f} (> {reduced_atol})"
+    if flips.any(): return f"{int(flips.sum())} answer(s) differ"
+    return None
+
+def choose_backend(runners:dict[str, Callable], # "backend/precision" -> runner
+                   batch:np.ndarray, # The check photos, preprocessed
+                   reference:str, # The runner the others must agree with
+                   temperature:float=1.0,
+                   open_set:OpenSetConfig|None=None, # Compare p_cat_or_dog and the answers too
+                   atol:float=1e-3, reduced_atol:float=0.05) -> tuple[str, dict[str, float]]:
+    "The fastest runner that agrees with `reference`, and each agreeing one's time (batch 1 + batch 8, ms)."
+    expected = runners[reference](batch)
     timings = {}
     for name, run in runners.items():
-        got = _compared(run(batch), temperature, open_set)
-        diff = float(np.abs(got - reference).max()) if got.shape == reference.shape else float("inf")
-        if diff >= atol:
-            logger.warning("backend %s differs from eager by %.1e (>= %.0e); not used", name, diff, atol); continue
-        timings[name] = _time_ms(run, batch[:1]) + _time_ms(run, batch[:4])
+        reason = _disagreement(run(batch), expected, temperature, open_set, not name.endswith("/f32"), atol, reduced_atol)
+        if reason: logger.warning("backend %s %s against %s on the check photos; not used", name, reason, reference); continue
+        timings[name] = _time_ms(run, batch[:1]) + _time_ms(run, batch[:8])
     return min(timings, key=timings.get), timings
 
 
 # %%
-tf = eval_transform(96, 0.875)
-batch = torch.stack([tf(im) for im in calibration_images()]).numpy()
-runners = {b: make_runner(b, artifact) for b in BACKENDS}
-best, timings = choose_backend(runners, batch, open_set=open_set)
-test_eq(best in BACKENDS, True)
-broken = {**runners, "onnx": lambda x: (runners["onnx"](x)[0] + np.array([0.0, 1.0], dtype=np.float32),)}  # a backend that disagrees is never chosen
-test_eq("onnx" in choose_backend(broken, batch)[1], False)
-shifted = {**runners, "onnx": lambda x: (runners["onnx"](x)[0], runners["onnx"](x)[1] + 0.5)}  # nor one whose open-set score is off
-test_eq("onnx" in choose_backend(shifted, batch, open_set=open_set)[1], False)
+batch, real = check_batch(artifact, preset)
+test_eq((batch.shape, real), ((8, 3, 96, 96), True))
+runners = {f"{b}/f32": make_runner(b, artifact) for b in BACKENDS}
+best, timings = choose_backend(runners, batch, "eager/f32", open_set=config.open_set)
+test_eq(best in runners, True)
+onnx = runners["onnx/f32"]
+broken = {**runners, "onnx/f32": lambda x: (onnx(x)[0] + np.array([0.0, 1.0], dtype=np.float32), onnx(x)[1])}  # a backend that disagrees is never chosen
+test_eq("onnx/f32" in choose_backend(broken, batch, "eager/f32")[1], False)
+shifted = {**runners, "onnx/f32": lambda x: (onnx(x)[0], onnx(x)[1] + 0.5)}  # nor one whose open-set score is off
+test_eq("onnx/f32" in choose_backend(shifted, batch, "eager/f32", open_set=config.open_set)[1], False)
 best, timings
+
+# %% [markdown]
+# The reduced-precision rule, on a stand-in for bf16 (this machine's CPU may have no bf16
+# units): logits moved by 0.01 pass, where the f32 rule would refuse them; logits moved by 0.5
+# do not, nor a score shifted across the "neither" threshold.
+
+# %%
+nudged = {**runners, "openvino/bf16": lambda x: (onnx(x)[0] + np.float32(0.01), onnx(x)[1] - np.float32(0.01))}
+test_eq("openvino/bf16" in choose_backend(nudged, batch, "eager/f32", open_set=config.open_set)[1], True)
+test_eq(_disagreement(nudged["openvino/bf16"](batch), onnx(batch), 1.0, config.open_set, False, 1e-3, 0.05) is None, False)
+far = {**runners, "openvino/bf16": lambda x: (onnx(x)[0] + np.array([0, 0.5], dtype=np.float32), onnx(x)[1])}
+test_eq("openvino/bf16" in choose_backend(far, batch, "eager/f32", open_set=config.open_set)[1], False)
+ref = onnx(batch)
+flipped = (ref[0], ref[1] + np.float32(50) * np.sign(np.float32(config.open_set.threshold) - config.open_set.probability(ref[1])).astype(np.float32))
+_disagreement(flipped, ref, 1.0, config.open_set, True, 1e-3, 0.05)
 
 
 # %% [markdown]
@@ -275,44 +379,80 @@ best, timings
 # %%
 #| export
 class Predictor:
-    "A model artifact ready to predict: its backend, preprocessing, temperature, open-set threshold and optional flip TTA."
+    "A model artifact ready to predict: its engine, preprocessing, temperature, open-set threshold and optional flip TTA."
     def __init__(self, model_dir:Path, # Artifact directory written by `export_artifact`
-                 backend:str="auto", # `auto`, `eager`, `torchscript` or `onnx`
+                 backend:str="auto", # `auto` or one of `BACKENDS`
                  tta:bool=False, # Average the image's and its mirror's probabilities
                  threads:int=0, # Inference threads; 0: one per core
                  max_pixels:int|None=None, # Refuse larger images before decoding
                  open_set:bool=True, # Answer "neither" (when the artifact has an open-set head)
-                 open_set_threshold:float|None=None): # Override the artifact's p_cat_or_dog threshold
+                 open_set_threshold:float|None=None, # Override the artifact's p_cat_or_dog threshold
+                 precision:str="auto"): # `auto`, `f32` or `bf16` (OpenVINO)
         self.model_dir = Path(model_dir)
         self.config = check_artifact(self.model_dir)
         self.tta, self.max_pixels, self.threads = tta, max_pixels, default_threads(threads)
         self.open_set = self.config.open_set if open_set else None
         self.threshold = open_set_threshold if open_set_threshold is not None else getattr(self.open_set, "threshold", None)
-        torch.set_num_threads(self.threads)
-        self.draft_size = decode_size(self.config.image_size, self.config.crop_fraction)
-        self.transform = eval_transform(self.config.image_size, self.config.crop_fraction, self.config.mean, self.config.std)
+        self.preset = Preset.from_config(self.config)
+        self.registry: dict|None = None  # name, version, alias and run when loaded from the MLflow registry
         self.model_version = hashlib.sha256((self.model_dir/"model_config.json").read_bytes()
                                             + (self.model_dir/"weights.pt").read_bytes()).hexdigest()[:12]
-        self.backend, self.timings = self._load(backend)
+        self.backend, self.precision, self.timings = self._load(backend, precision)
 
     @classmethod
     def from_settings(cls, settings:Settings|None=None) -> Predictor:
-        "A predictor configured by `Settings` (model_dir, backend, tta, threads, max_image_pixels, open_set, open_set_threshold)."
+        "A predictor configured by `Settings` (model_dir, a folder or a `models:/` URI, backend, precision, tta, threads, ...)."
         s = settings or Settings()
-        return cls(s.model_dir, s.backend, s.tta, s.threads, s.max_image_pixels, s.open_set, s.open_set_threshold)
+        model_dir, registry = resolve_model(s.model_dir, s.mlflow_tracking_uri, s.cache_dir)
+        predictor = cls(model_dir, s.backend, s.tta, s.threads, s.max_image_pixels, s.open_set, s.open_set_threshold, s.precision)
+        predictor.registry = registry
+        return predictor
 
     def __repr__(self):
         open_set = f"neither below p={self.threshold:.3f}" if self.open_set else "closed set"
-        return f"Predictor({self.config.architecture}, backend={self.backend}, tta={self.tta}, {open_set}, version={self.model_version})"
+        return (f"Predictor({self.config.architecture}, backend={self.backend}/{self.precision}, tta={self.tta}, {open_set}, "
+                f"version={self.model_version})")
 
+    def _candidates(self, backend:str, precision:str) -> list[tuple[str, str]]:
+        "The (backend, precision) pairs that `backend` and `precision` (either may be `auto`) allow."
+        backends = AUTO_BACKENDS if backend == "auto" else (backend,)
+        out = []
+        for b in backends:
+            for p in (PRECISIONS if precision == "auto" else (precision,)):
+                if p == "f32" or b == "openvino": out.append((b, p))
+        if not out: raise ValueError(f"no backend runs {precision}: it needs --backend openvino or auto")
+        return out
 
-# %% [markdown]
-# `check_artifact` fails early, with the path in the message, for a folder that is not a model.
-# `_load` builds the runners; `auto` keeps the fastest that agrees with eager and says so in
-# the log and in `backend` / `timings`.
+    def _load(self, backend:str, precision:str) -> tuple[str, str, dict[str, float]]:
+        "Build the runner (choosing one when `backend` or `precision` is `auto`); returns the backend, precision and timings."
+        candidates = self._candidates(backend, precision)
+        if len(candidates) == 1:
+            b, p = candidates[0]
+            self.run = make_runner(b, self.model_dir, self.threads, p)
+            return b, p, {}
+        runners = {}
+        for b, p in candidates:
+            if b == "openvino" and p != "f32" and p not in _openvino_precisions_or_none(): continue  # not on this CPU
+            try: runners[f"{b}/{p}"] = make_runner(b, self.model_dir, self.threads, p)
+            except Exception as e:
+                if b == "onnx" or (backend != "auto" and p == "f32"):  # the reference, or the one engine asked for, must load
+                    raise RuntimeError(f"the {b} backend cannot load {self.model_dir/_FILES[b]}: {e}") from e
+                logger.warning("backend %s/%s unavailable: %s", b, p, e)
+        if not runners: raise RuntimeError(f"no backend could load the model in {self.model_dir}")
+        reference = next(r for r in ("onnx/f32", "openvino/f32", *runners) if r in runners)
+        batch, real = check_batch(self.model_dir, self.preset)
+        if not real: logger.warning("%s has no check_images/: backends are compared on synthetic patterns", self.model_dir)
+        best, timings = choose_backend(runners, batch, reference, self.config.temperature, self.config.open_set)
+        self.run = runners[best]
+        logger.info("backend auto: chose %s (%s ms for a batch of 1 plus a batch of 8; reference %s)", best,
+                    ", ".join(f"{k} {v:.1f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1])), reference)
+        return *best.split("/"), timings
 
-# %%
-#| export
+def _openvino_precisions_or_none() -> tuple[str, ...]:
+    "`openvino_precisions()`, or nothing when OpenVINO is not installed."
+    try: return openvino_precisions()
+    except ImportError: return ()
+
 def check_artifact(model_dir:Path) -> ModelConfig:
     "The artifact's `ModelConfig`, or `FileNotFoundError`/`ValueError` saying what is missing or unreadable."
     model_dir = Path(model_dir)
@@ -322,50 +462,91 @@ def check_artifact(model_dir:Path) -> ModelConfig:
     try: return ModelConfig.load(model_dir/"model_config.json")
     except (ValueError, TypeError) as e: raise ValueError(f"{model_dir}/model_config.json is unreadable: {e}") from e
 
-def _load(self:Predictor, backend:str) -> tuple[str, dict[str, float]]:
-    "Build the runner for `backend` (choosing one when `auto`); returns the backend used and the timings."
-    if backend != "auto":
-        self.run = make_runner(backend, self.model_dir, self.threads)
-        return backend, {}
-    runners = {"eager": make_runner("eager", self.model_dir, self.threads)}
-    for name in ("torchscript", "onnx"):
-        try: runners[name] = make_runner(name, self.model_dir, self.threads)
-        except Exception as e: logger.warning("backend %s unavailable: %s", name, e)
-    calibration = np.stack([self.transform(im).numpy() for im in calibration_images()])
-    best, timings = choose_backend(runners, calibration, self.config.temperature, open_set=self.config.open_set)
-    self.run = runners[best]
-    logger.info("backend auto: chose %s (%s ms for a batch of 1 plus a batch of 4)", best,
-                ", ".join(f"{k} {v:.1f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1])))
-    return best, timings
-Predictor._load = _load
+
+# %% [markdown]
+# ## Models from the MLflow registry
+#
+# Training registers every model in the MLflow Model Registry (name `catsdogs`), and logs its
+# artifact directory to the run. Wherever a model folder is expected, a registry URI does too:
+# `models:/catsdogs@champion` (an alias) or `models:/catsdogs/3` (a version), on the tracking
+# server of `MLFLOW_TRACKING_URI` / `--mlflow-tracking-uri`. `resolve_model` downloads that
+# version's artifact once into the cache and returns the folder, with what the registry says
+# about it (name, version, alias, run), which `/ready` shows. Promote a version with
+# `python scripts/promote_model.py VERSION --alias champion`, then reload a running server
+# (`POST /admin/reload`, see the serving notebook). MLflow is imported only for such a URI.
+
+# %%
+#| export
+def resolve_model(model:Path|str, # A model directory, or `models:/NAME@ALIAS` / `models:/NAME/VERSION`
+                  tracking_uri:str|None=None, # MLflow tracking URI (registry URIs only)
+                  cache_dir:Path|None=None) -> tuple[Path, dict|None]: # Where downloads go (default ~/.cache/catsdogs)
+    "The local artifact directory for `model`, and the registry's facts about it (None for a plain directory)."
+    text = str(model)
+    if not text.startswith("models:/"): return Path(model), None
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    ref = text.removeprefix("models:/")
+    client = MlflowClient(tracking_uri)
+    try:
+        if "@" in ref: (name, alias), number = ref.split("@", 1), None
+        elif "/" in ref: (name, number), alias = ref.rsplit("/", 1), None
+        else: raise ValueError(f"{text} names no version: use models:/NAME@ALIAS or models:/NAME/VERSION")
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        dest = Path(cache_dir or Path.home()/".cache"/"catsdogs")/"models"/name/str(version.version)
+        if not (dest/"model_config.json").is_file():
+            staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_mkdir(dest.parent)))
+            download_artifacts(run_id=version.run_id, artifact_path="artifact", dst_path=str(staging), tracking_uri=tracking_uri)
+            os.replace(staging/"artifact", dest)  # atomic: a half-downloaded model is never used
+            shutil.rmtree(staging, ignore_errors=True)
+    except MlflowException as e: raise ValueError(f"cannot load {text} from the registry at {tracking_uri}: {e.message}") from e
+    return dest, {"uri": text, "name": name, "version": int(version.version), "alias": alias, "run_id": version.run_id}
+
+def _mkdir(path:Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True); return path
+
+def promote(version:int|str, # The model version to promote
+            alias:str="champion", name:str="catsdogs", tracking_uri:str|None=None):
+    "Point `alias` of registered model `name` at `version` (what `scripts/promote_model.py` runs)."
+    from mlflow import MlflowClient
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+# %% [markdown]
+# `check_artifact` fails early, with the path in the message, for a folder that is not a model.
+# `auto` keeps the fastest engine that agrees and says so in the log and in `backend`,
+# `precision` and `timings`. ONNX Runtime is the reference of a lean install, so an unreadable
+# `model.onnx` is an error at start-up, never a silent fallback; so is any backend asked for by
+# name that cannot load.
 
 # %%
 predictor = Predictor(artifact)
-test_eq(predictor.backend in BACKENDS, True)
-test_eq(set(predictor.timings) <= set(BACKENDS), True)
+test_eq(predictor.backend in BACKENDS and predictor.precision in PRECISIONS, True)
+test_eq(set(predictor.timings) >= {"onnx/f32", "openvino/f32"}, True)
 test_fail(lambda: Predictor(Path(tmp.name)/"nothing"), contains="does not exist")
+test_fail(lambda: Predictor(artifact, backend="onnx", precision="bf16"), contains="needs --backend openvino")
 predictor, predictor.timings
 
 
 # %% [markdown]
 # ## Predicting
 #
-# `preprocess` is the only path from bytes to a model input, and `predict_tensors` the only
+# `preprocess` is the only path from bytes to a model input, and `predict_arrays` the only
 # forward pass; `predict` and `predict_batch` join the two. The server calls the two halves
 # separately: it decodes a batch of requests in parallel threads, then runs one forward pass.
 
 # %%
 #| export
-def preprocess(self:Predictor, source:Path|str|bytes,
-               max_pixels:int|None=None) -> torch.Tensor: # Overrides the predictor's own limit
-    "Decode `source` (path or bytes) and apply the artifact's eval transform: a `(3, H, W)` tensor, or `ImageError`."
-    return self.transform(load_image(source, draft_size=self.draft_size, max_pixels=max_pixels or self.max_pixels))
+def _preprocess(self:Predictor, source:Path|str|bytes,
+                max_pixels:int|None=None) -> np.ndarray: # Overrides the predictor's own limit
+    "Decode `source` (path or bytes) with the artifact's preset: a `(3, H, W)` float32 array, or `ImageError`."
+    return self.preset.eval_array(self.preset.load(source, max_pixels=max_pixels or self.max_pixels))
 
-def scores(self:Predictor, batch:torch.Tensor|np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
+def _scores(self:Predictor, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
     "Calibrated class probabilities `(N, classes)` and `p_cat_or_dog` `(N,)` (None when closed-set), averaged with the mirror under TTA."
     x = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
     n = len(x)
-    if self.tta: x = np.concatenate([x, x[..., ::-1]])
+    if self.tta: x = np.ascontiguousarray(np.concatenate([x, x[..., ::-1]]))
     outputs = self.run(x)
     probs = softmax(outputs[0], self.config.temperature)
     score = outputs[1] if self.open_set is not None and len(outputs) > 1 else None
@@ -374,27 +555,28 @@ def scores(self:Predictor, batch:torch.Tensor|np.ndarray) -> tuple[np.ndarray, n
         if score is not None: score = (score[:n] + score[n:]) / 2
     return probs, None if score is None else self.open_set.probability(score)
 
-def probabilities(self:Predictor, batch:torch.Tensor|np.ndarray) -> np.ndarray:
+def _probabilities(self:Predictor, batch:np.ndarray) -> np.ndarray:
     "Calibrated class probabilities `(N, classes)` for a preprocessed batch, averaged with the mirror image under TTA."
     return self.scores(batch)[0]
 
-def predict_tensors(self:Predictor, batch:torch.Tensor|np.ndarray) -> list[Prediction]:
-    "One `Prediction` per preprocessed image in `batch`."
+def _predict_arrays(self:Predictor, batch:np.ndarray) -> list[Prediction]:
+    "One `Prediction` per preprocessed image in `batch` (`(N, 3, H, W)` float32)."
     probs, p_any = self.scores(batch)
     return to_predictions(probs, self.config.class_names, p_any, self.threshold if self.threshold is not None else 0.5)
 
-def predict(self:Predictor, source:Path|str|bytes) -> Prediction:
+def _predict(self:Predictor, source:Path|str|bytes) -> Prediction:
     "The prediction for one image file (path or bytes)."
-    return self.predict_tensors(self.preprocess(source)[None])[0]
+    return self.predict_arrays(self.preprocess(source)[None])[0]
 
-def predict_batch(self:Predictor, sources:Sequence[Path|str|bytes], batch_size:int=32) -> list[Prediction]:
+def _predict_batch(self:Predictor, sources:Sequence[Path|str|bytes], batch_size:int=32) -> list[Prediction]:
     "Predictions for several images, `batch_size` per forward pass; raises `ImageError` on the first bad one."
     out = []
     for i in range(0, len(sources), batch_size):
-        out += self.predict_tensors(torch.stack([self.preprocess(s) for s in sources[i:i + batch_size]]))
+        out += self.predict_arrays(np.stack([self.preprocess(s) for s in sources[i:i + batch_size]]))
     return out
 
-for f in (preprocess, scores, probabilities, predict_tensors, predict, predict_batch): setattr(Predictor, f.__name__, f)
+Predictor.preprocess, Predictor.scores, Predictor.probabilities = _preprocess, _scores, _probabilities
+Predictor.predict_arrays, Predictor.predict, Predictor.predict_batch = _predict_arrays, _predict, _predict_batch
 
 # %%
 one = predictor.predict(cat_jpg)
@@ -410,9 +592,9 @@ both
 
 # %%
 test_eq(predictor.threshold, predictor.config.open_set.threshold)
-strict = Predictor(artifact, backend="eager", open_set_threshold=1.0)
+strict = Predictor(artifact, backend="onnx", open_set_threshold=1.0)
 test_eq(strict.predict(cat_jpg).label, "neither")
-closed = Predictor(artifact, backend="eager", open_set=False)
+closed = Predictor(artifact, backend="onnx", open_set=False)
 answer = closed.predict(cat_jpg)
 test_eq((answer.label, answer.p_cat_or_dog), (max(answer.probabilities, key=answer.probabilities.get), None))
 strict, closed
@@ -422,11 +604,11 @@ strict, closed
 # is its own mirror gets the same answer either way:
 
 # %%
-tta = Predictor(artifact, backend="eager", tta=True)
+tta = Predictor(artifact, backend="onnx", tta=True)
 x = tta.preprocess(dog_jpg)[None]
-plain = Predictor(artifact, backend="eager")
-test_close(tta.probabilities(x), (plain.probabilities(x) + plain.probabilities(x.flip(-1))) / 2, eps=1e-6)
-symmetric = torch.ones(1, 3, 96, 96)
+plain = Predictor(artifact, backend="onnx")
+test_close(tta.probabilities(x), (plain.probabilities(x) + plain.probabilities(np.ascontiguousarray(x[..., ::-1]))) / 2, eps=1e-6)
+symmetric = np.ones((1, 3, 96, 96), dtype=np.float32)
 test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-6)
 
 # %% [markdown]
@@ -438,7 +620,8 @@ test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-
 
 # %%
 #| export
-_PREDICT_FLAGS = ["model_dir", "backend", "tta", "threads", "max_image_pixels", "open_set", "open_set_threshold"]
+_PREDICT_FLAGS = ["model_dir", "backend", "precision", "tta", "threads", "max_image_pixels", "open_set", "open_set_threshold",
+                  "mlflow_tracking_uri"]
 
 def _predict_line(path:str, result:Prediction|ImageError, as_json:bool) -> str:
     "The output line for one input: its prediction, or its error."
@@ -449,25 +632,33 @@ def _predict_line(path:str, result:Prediction|ImageError, as_json:bool) -> str:
     open_set = "" if result.p_cat_or_dog is None else f", p_cat_or_dog={result.p_cat_or_dog:.3f}"
     return f"{path}: {result.label} {result.confidence:.3f} (p_dog={result.p_dog:.3f}{open_set})"
 
-def predict_files(predictor:Predictor, paths:Sequence[str], batch_size:int=32,
+def predict_files(predictor:Predictor, paths:Sequence[str|Path], batch_size:int=16,
                   progress:bool=False, desc:str="predicting") -> list[Prediction|ImageError]:
-    "A prediction or an `ImageError` for every path, in order; good images are batched."
+    "A prediction or an `ImageError` for every path, in order: decoded on the predictor's threads, batched, with a progress bar."
     from tqdm.auto import tqdm
-    results: list = [None] * len(paths)
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress):
-        tensors = {}
-        for i in range(start, min(start + batch_size, len(paths))):
-            try: tensors[i] = predictor.preprocess(paths[i])
-            except (ImageError, OSError) as e: results[i] = e if isinstance(e, ImageError) else ImageError("unreadable file", str(e))
-        if tensors:
-            for i, p in zip(tensors, predictor.predict_tensors(torch.stack(list(tensors.values())))): results[i] = p
+    def decode(path):
+        try: return predictor.preprocess(path)
+        except ImageError as e: return e
+        except OSError as e: return ImageError("unreadable file", str(e))
+    results: list = []
+    with ThreadPoolExecutor(predictor.threads) as pool, tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        chunks = (paths[i:i + batch_size] for i in range(0, len(paths), batch_size))
+        pending = pool.map(decode, next(chunks, []))  # the next chunk decodes while this one runs
+        while True:
+            decoded = list(pending)
+            if not decoded: break
+            pending = pool.map(decode, next(chunks, []))
+            good = [x for x in decoded if isinstance(x, np.ndarray)]
+            answers = iter(predictor.predict_arrays(np.stack(good)) if good else [])
+            results += [next(answers) if isinstance(x, np.ndarray) else x for x in decoded]
+            bar.update(len(decoded))
     return results
 
 def predict_cli(argv:list[str]|None=None) -> int:
     "Console script `catsdogs_predict IMG... [--model DIR] [--json] [--backend B] [--tta] [--no-open-set]`."
     parser = settings_parser("Predict cat, dog or neither for image files.", _PREDICT_FLAGS)
     parser.add_argument("images", nargs="+", help="Image files")
-    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir")
+    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir (a folder or a models:/ URI)")
     parser.add_argument("--json", action="store_true", help="One JSON object per line")
     settings, args = parse_settings(parser, argv)
     if args.model is not None: settings.model_dir = args.model
@@ -505,15 +696,14 @@ def _open_set_probabilities(results:list) -> np.ndarray:
 def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
                     data_dir:Path, # One subfolder per class (or Kaggle-style names)
                     ood_dir:Path|None=None, # Photos of neither cats nor dogs, any layout
-                    batch_size:int=32, progress:bool=True) -> dict:
+                    batch_size:int=16, progress:bool=True) -> dict:
     "Metrics of `predictor` on the labelled images under `data_dir` and, with `ood_dir`, open-set metrics."
     if ood_dir is not None and predictor.open_set is None:
         raise ValueError("--ood-dir needs the open set: the model has no open-set head, or it is turned off")
     names = tuple(predictor.config.class_names)
-    files = find_images(data_dir, names)
-    files = files[files.label.notna()]
-    results = predict_files(predictor, [str(Path(data_dir)/p) for p in files.path], batch_size, progress, "cats and dogs")
-    answered = [(r, names.index(label)) for r, label in zip(results, files.label) if isinstance(r, Prediction)]
+    files = [(path, label) for path, label in list_images(data_dir, names) if label is not None]
+    results = predict_files(predictor, [Path(data_dir)/p for p, _ in files], batch_size, progress, "cats and dogs")
+    answered = [(r, names.index(label)) for r, (_, label) in zip(results, files) if isinstance(r, Prediction)]
     if not answered: raise ValueError(f"no readable labelled images under {data_dir}")
     probs = np.array([[r.probabilities[c] for c in names] for r, _ in answered])
     targets = np.array([t for _, t in answered])
@@ -524,7 +714,7 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
     metrics.update(open_set_threshold=float(predictor.threshold), open_set_kept=float(kept.mean()),
                    accuracy_kept=float((probs.argmax(1) == targets)[kept].mean()) if kept.any() else float("nan"))
     if ood_dir is not None:
-        outliers = [str(Path(ood_dir)/p) for p in find_images(ood_dir, names).path]
+        outliers = [Path(ood_dir)/p for p, _ in list_images(ood_dir, names)]
         p_outliers = _open_set_probabilities(predict_files(predictor, outliers, batch_size, progress, "neither"))
         if not len(p_outliers): raise ValueError(f"no readable images under {ood_dir}")
         metrics.update(open_set_metrics(p_pets, p_outliers, predictor.threshold))
@@ -544,14 +734,15 @@ assert metrics["n_images"] > 20 and metrics["n_skipped"] >= 1 and metrics["n_out
 
 # %%
 #| export
-_EVAL_FLAGS = ["model_dir", "data_dir", "ood_dir", "backend", "tta", "threads", "max_image_pixels", "open_set", "open_set_threshold"]
+_EVAL_FLAGS = ["model_dir", "data_dir", "ood_dir", "backend", "precision", "tta", "threads", "max_image_pixels", "open_set",
+               "open_set_threshold", "mlflow_tracking_uri"]
 
 def eval_cli(argv:list[str]|None=None):
     "Console script `catsdogs_eval`: metrics of a model artifact, as served, on a labelled folder (and outliers)."
     parser = settings_parser("Evaluate a model artifact on a folder with one subfolder per class and, with --ood-dir, "
                              "on photos that show neither.", _EVAL_FLAGS)
-    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir")
-    parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass")
+    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir (a folder or a models:/ URI)")
+    parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass")
     parser.add_argument("--json", action="store_true", help="End with one line of JSON holding every metric")
     settings, args = parse_settings(parser, argv)
     if args.model is not None: settings.model_dir = args.model

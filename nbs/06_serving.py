@@ -47,6 +47,7 @@ import ipaddress
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -59,25 +60,26 @@ from typing import Annotated, Callable
 
 import anyio
 import httpx
-import torch
+import numpy as np
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from catsdogs.config import Settings, get_settings, parse_settings, settings_parser
-from catsdogs.data import ImageError
-from catsdogs.inference import Prediction, Predictor, check_artifact
+from catsdogs.inference import Prediction, Predictor, check_artifact, resolve_model
+from catsdogs.presets import ImageError
 
 # %%
 #| hide
 import tempfile
 from fastapi.testclient import TestClient
 from fastcore.test import test_eq
-from catsdogs.data import demo_data_dir
-from catsdogs.model import ModelConfig, build_model, export_artifact
+from catsdogs.presets import demo_data_dir
+from catsdogs.model import build_model, config_for_backbone, export_artifact
 
 # %%
 #| export
@@ -89,7 +91,7 @@ logger = logging.getLogger("catsdogs.serving")
 # %%
 tmp = tempfile.TemporaryDirectory()
 artifact = export_artifact(build_model("small_cnn", pretrained=False), Path(tmp.name)/"model",
-                           ModelConfig.for_backbone("small_cnn", image_size=96))
+                           config_for_backbone("small_cnn", 96, 0.875))
 data_dir = demo_data_dir()
 cat_jpg = sorted((data_dir/"Cat").glob("cat.*.jpg"))[0]
 
@@ -324,14 +326,23 @@ async def read_multipart(request:Request,
 # %%
 #| export
 class BatcherClosed(RuntimeError):
-    "Raised to requests submitted once the batcher is shutting down."
+    "Raised to requests submitted once the batcher is shutting down, and to those still queued then."
+
+class Overloaded(RuntimeError):
+    "Raised at once to a request that finds `max_queue` inputs already waiting."
+
+class DeadlineExceeded(RuntimeError):
+    "Raised to a request not answered within `timeout_s`; its input is skipped if it has not run yet."
 
 class MicroBatcher:
-    "Collect concurrently submitted inputs into batches for one function run in its own thread."
+    "Collect concurrently submitted inputs into batches for one function run in its own thread; bounded, with a deadline."
     def __init__(self, run_batch:Callable, # list of inputs -> list of results (or exceptions), run in the inference thread
                  max_batch_size:int=16, # Most inputs per call
-                 wait_ms:float=2.0): # Most a batch smaller than the previous one waits for more inputs
+                 wait_ms:float=2.0, # Most a batch smaller than the previous one waits for more inputs
+                 max_queue:int=64, # Most inputs waiting or running; past it `submit` raises `Overloaded`
+                 timeout_s:float|None=None): # Deadline of each input, from `submit`; None: none
         self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_ms / 1000
+        self.max_queue, self.timeout_s, self.waiting = max_queue, timeout_s, 0  # `waiting`: submitted, not yet answered
         self.last_size, self.closed = 1, False  # size of the previous batch; set by `close`
         self.loop = asyncio.get_running_loop()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -341,9 +352,15 @@ class MicroBatcher:
     async def submit(self, x):
         "The result for one input, computed in a shared batch (raised, if `run_batch` answered an exception)."
         if self.closed or not self.thread.is_alive(): raise BatcherClosed("the server is shutting down")
+        if self.waiting >= self.max_queue: raise Overloaded(f"the server is busy ({self.waiting} images waiting); retry shortly")
         future = self.loop.create_future()
-        self.queue.put((x, future))
-        return await future
+        self.waiting += 1  # only the event loop's thread counts, so no lock
+        try:
+            self.queue.put((x, future))
+            async with asyncio.timeout(self.timeout_s):  # on expiry the future is cancelled: the inference thread skips it
+                return await future
+        except TimeoutError: raise DeadlineExceeded(f"no answer within {self.timeout_s:g} s; the server is busy, retry shortly") from None
+        finally: self.waiting -= 1
 
     async def close(self):
         "Answer what was submitted, then stop the inference thread; later submissions raise `BatcherClosed`."
@@ -441,6 +458,21 @@ await batcher.close()
 try: await batcher.submit(6); raise AssertionError("accepted after close")
 except BatcherClosed as e: test_eq(str(e), "the server is shutting down")
 
+# %% [markdown]
+# Under overload the batcher refuses rather than queueing without end: past `max_queue` inputs
+# waiting, `submit` raises `Overloaded` at once (the API answers 503 with `Retry-After`), and
+# an input not answered within `timeout_s` raises `DeadlineExceeded` and is never run:
+
+# %%
+ran = []
+def slow(xs): ran.extend(xs); time.sleep(0.4); return xs
+batcher = MicroBatcher(slow, max_batch_size=1, max_queue=3, timeout_s=0.6)
+results = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
+await batcher.close()
+test_eq([type(r).__name__ for r in results], ["int", "DeadlineExceeded", "DeadlineExceeded", "Overloaded", "Overloaded"])
+test_eq(ran, [0, 1])  # the second ran but answered too late; the third expired in the queue and never ran
+results
+
 
 # %% [markdown]
 # ## Metrics
@@ -462,6 +494,18 @@ class Metrics:
         self.inference = Histogram("catsdogs_inference_duration_seconds", "Forward-pass time per batch", registry=r)
         self.model = Info("catsdogs_model", "The model being served", registry=r)
         self.ready = Gauge("catsdogs_model_ready", "1 once the model is loaded", registry=r)
+        self.refused = Counter("catsdogs_refused", "Images refused with 503: queue full (overloaded), past the deadline, "
+                               "or shutting down", ["reason"], registry=r)
+
+    def describe(self, predictor:Predictor):
+        "Set `catsdogs_model_info` to the predictor's model, engine and registry version."
+        c, registry = predictor.config, predictor.registry or {}
+        self.model.info({"architecture": c.architecture, "backend": predictor.backend, "precision": predictor.precision,
+                         "model_version": predictor.model_version, "code_version": c.code_version, "created": c.created,
+                         "dataset_version": c.dataset_version, "registry_name": str(registry.get("name", "")),
+                         "registry_version": str(registry.get("version", ""))})
+
+_REFUSALS = {Overloaded: "overloaded", DeadlineExceeded: "deadline", BatcherClosed: "shutting_down"}
 
 class _MetricsMiddleware:
     "ASGI middleware counting requests and their latency by route template, method and status."
@@ -548,40 +592,51 @@ class Service:
     batcher: MicroBatcher|None = None
     client: httpx.AsyncClient|None = None
     decoder: ThreadPoolExecutor|None = None
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self):
         "Create the batcher, its decode threads and the URL client (inside the running event loop)."
         s = self.settings
         self.decoder = ThreadPoolExecutor(self.predictor.threads, thread_name_prefix="catsdogs-decode")
-        self.batcher = MicroBatcher(self._run_batch, s.max_batch_size, s.batch_wait_ms)
+        self.batcher = MicroBatcher(self._run_batch, s.max_batch_size, s.batch_wait_ms, s.max_queue, s.request_timeout_s)
         timeout = httpx.Timeout(s.url_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
     async def stop(self):
         await self.batcher.close(); await self.client.aclose(); self.decoder.shutdown(wait=False)
 
-    def _decode(self, data:bytes) -> torch.Tensor|Exception:
-        "The model input for `data`, or the error (an `ImageError` for bad images) that fails this request alone."
-        try: return self.predictor.preprocess(data, self.settings.max_image_pixels)
-        except Exception as e: return e
-
-    def _run_batch(self, datas:list[bytes]) -> list[Prediction|ImageError]:
+    def _run_batch(self, datas:list[bytes]) -> list[tuple[Prediction, str]|Exception]:
         "Decode a batch in parallel, then one forward pass of the images that decoded (in the inference thread)."
-        decoded = [self._decode(datas[0])] if len(datas) == 1 else list(self.decoder.map(self._decode, datas))
-        good = [x for x in decoded if isinstance(x, torch.Tensor)]
+        predictor = self.predictor  # a reload swaps it between batches, never within one
+        def decode(data:bytes) -> np.ndarray|Exception:  # an error (`ImageError` for bad images) fails its request alone
+            try: return predictor.preprocess(data, self.settings.max_image_pixels)
+            except Exception as e: return e
+        decoded = [decode(datas[0])] if len(datas) == 1 else list(self.decoder.map(decode, datas))
+        good = [x for x in decoded if isinstance(x, np.ndarray)]
         if not good: return decoded
         start = time.perf_counter()
-        predictions = iter(self.predictor.predict_tensors(torch.stack(good)))
+        predictions = iter(predictor.predict_arrays(np.stack(good)))
         self.metrics.inference.observe(time.perf_counter() - start); self.metrics.batch_size.observe(len(good))
-        return [next(predictions) if isinstance(x, torch.Tensor) else x for x in decoded]
+        return [(next(predictions), predictor.model_version) if isinstance(x, np.ndarray) else x for x in decoded]
 
     async def predict_bytes(self, data:bytes) -> PredictionOut:
-        "Decode and predict in a shared batch, off the event loop; bad images raise a 4xx `HTTPException`."
-        try: p = await self.batcher.submit(data)
+        "Decode and predict in a shared batch, off the event loop; bad images raise a 4xx, overload a 503 `HTTPException`."
+        try: p, version = await self.batcher.submit(data)
         except ImageError as e: raise image_http_error(e) from None
-        except BatcherClosed as e: raise HTTPException(503, str(e)) from None
+        except (BatcherClosed, Overloaded, DeadlineExceeded) as e:
+            self.metrics.refused.labels(_REFUSALS[type(e)]).inc()
+            raise HTTPException(503, str(e), headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         self.metrics.predictions.labels(p.label).inc()
-        return PredictionOut(**p.to_dict(), model_version=self.predictor.model_version)
+        return PredictionOut(**p.to_dict(), model_version=version)
+
+    async def reload(self) -> Predictor:
+        "Load the model the settings name again (a registry alias may point to a new version) and swap it in between batches."
+        async with self.reloading:
+            predictor = await anyio.to_thread.run_sync(Predictor.from_settings, self.settings)
+            self.predictor = predictor  # the batch running now finishes on the old one; the next uses this
+        self.metrics.describe(predictor)
+        logger.info("reloaded: serving %r", predictor)
+        return predictor
 
     async def fetch(self, url:str) -> bytes:
         "The image at `url`, within the limits and address checks."
@@ -631,9 +686,7 @@ async def lifespan(app:FastAPI):
         logger.error("cannot load the model from %s: %s", settings.model_dir, e); raise
     service = Service(settings, predictor, app.state.metrics, app.state.resolver, app.state.url_guard)
     await service.start()
-    c = predictor.config
-    app.state.metrics.model.info({"architecture": c.architecture, "backend": predictor.backend, "model_version": predictor.model_version,
-                                  "code_version": c.code_version, "created": c.created, "dataset_version": c.dataset_version})
+    app.state.metrics.describe(predictor)
     app.state.metrics.ready.set(1)
     logger.info("serving %r", predictor)
     app.state.service = service
@@ -660,6 +713,11 @@ def create_app(settings:Settings|None=None, # Default: `get_settings()`
     app.state.service, app.state.metrics = None, Metrics()
     app.add_middleware(_MetricsMiddleware, metrics=app.state.metrics)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request, exc):  # not an error of ours: logged quietly, counted under nginx's 499
+        logger.debug("client went away during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):
         logger.exception("unexpected error on %s", request.url.path)
@@ -684,23 +742,45 @@ _IMAGE_FORMS = {"requestBody": {"content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 _BATCH_FORM = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
-_ERRORS = {s: {"description": d} for s, d in [(400, "bad input or refused URL"), (413, "too large"),
-                                              (415, "not an image"), (503, "model not loaded yet")]}
+_ERRORS = {s: {"description": d} for s, d in [(400, "bad input or refused URL"), (408, "the body took longer than body_timeout_s"),
+                                              (413, "too large"), (415, "not an image"),
+                                              (503, "model not loaded yet, queue full or past the deadline: retry after Retry-After")]}
+
+async def _within(seconds:float, reading):
+    "Await `reading` (of a request body), or 408 with `Connection: close` after `seconds`: a slow upload cannot hold the server."
+    try:
+        with anyio.fail_after(seconds): return await reading
+    except TimeoutError:
+        raise HTTPException(408, f"the request body did not arrive within {seconds:g} s", headers={"Connection": "close"}) from None
+
+async def _until_disconnect(request:Request):
+    "Return once the client has closed the connection (call only after the body is read)."
+    while (await request.receive())["type"] != "http.disconnect": pass
+
+async def unless_disconnected(request:Request, work):
+    "The result of `work`, or `ClientDisconnect` as soon as the client goes away (then `work` is cancelled: a queued image is skipped)."
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(_until_disconnect(request))
+    try: done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done(): task.cancel()
+    if task not in done: raise ClientDisconnect()
+    return task.result()
 
 async def _image_bytes(request:Request, service:Service, url:str|None) -> bytes:
     "The image of a `/predict` request: from `?url=`, a JSON `{\"url\"}`, a multipart `file` or a raw image body."
-    limit = service.settings.max_upload_bytes
+    limit, deadline = service.settings.max_upload_bytes, service.settings.body_timeout_s
     if url: return await service.fetch(url)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        parts = [p for p in await read_multipart(request, limit) if p.name == "file"]
+        parts = [p for p in await _within(deadline, read_multipart(request, limit)) if p.name == "file"]
         if not parts: raise HTTPException(400, "send the image in a multipart field named 'file'")
         return bytes(parts[0].data)
     if ctype == "application/json":
-        try: body = UrlIn.model_validate_json(await read_body(request, 64 * 1024))
+        try: body = UrlIn.model_validate_json(await _within(deadline, read_body(request, 64 * 1024)))
         except ValueError: raise HTTPException(400, 'a JSON body must be {"url": "https://..."}')
         return await service.fetch(body.url)
-    if ctype.startswith("image/") or ctype == "application/octet-stream": return await read_body(request, limit)
+    if ctype.startswith("image/") or ctype == "application/octet-stream": return await _within(deadline, read_body(request, limit))
     raise HTTPException(415, "send multipart/form-data with a 'file' field, an image/* body, ?url=, or JSON {\"url\": ...}")
 
 
@@ -719,34 +799,50 @@ def _add_routes(app:FastAPI, page:str):
 
     @app.get("/ready", responses={503: _ERRORS[503]})
     def ready(service:ServiceDep) -> dict:
-        "Readiness: the model, its version, the data it was trained on and the backend."
+        "Readiness: the model, its version (and registry version), the data it was trained on, the engine and precision."
         p, c = service.predictor, service.predictor.config
         return {"status": "ready", "model": c.architecture, "architecture": c.architecture, "model_version": p.model_version,
                 "code_version": c.code_version, "created": c.created, "dataset_version": c.dataset_version,
-                "backend": p.backend, "tta": p.tta, "class_names": list(c.class_names), "metrics": c.metrics,
-                "open_set": p.open_set is not None, "open_set_threshold": p.threshold if p.open_set is not None else None}
+                "backend": p.backend, "precision": p.precision, "tta": p.tta, "class_names": list(c.class_names),
+                "metrics": c.metrics, "open_set": p.open_set is not None,
+                "open_set_threshold": p.threshold if p.open_set is not None else None, "registry": p.registry}
 
     @app.post("/predict", response_model=PredictionOut, openapi_extra=_IMAGE_FORMS, responses=_ERRORS)
     async def predict(request:Request, service:ServiceDep,
                       url:Annotated[str|None, Query(description="http(s) URL of an image to fetch")]=None) -> PredictionOut:
         "Cat, dog or neither for one image: a multipart `file`, a raw image body, `?url=` or JSON `{\"url\": ...}`."
-        return await service.predict_bytes(await _image_bytes(request, service, url))
+        data = await _image_bytes(request, service, url)
+        return await unless_disconnected(request, service.predict_bytes(data))
 
     @app.post("/predict/batch", response_model=BatchOut, openapi_extra=_BATCH_FORM, responses=_ERRORS)
     async def predict_batch(request:Request, service:ServiceDep, settings:SettingsDep) -> BatchOut:
         "Cat, dog or neither for each of several multipart `files`; a bad file gets its own error."
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise HTTPException(415, "send multipart/form-data with one or more 'files' fields")
-        parts = await read_multipart(request, settings.max_upload_bytes, settings.max_batch_files)
+        parts = await _within(settings.body_timeout_s, read_multipart(request, settings.max_upload_bytes, settings.max_batch_files))
         files = [p for p in parts if p.name in ("files", "file")]
         if not files: raise HTTPException(400, "no files: send them in multipart fields named 'files'")
-        answers = await asyncio.gather(*(service.predict_bytes(bytes(f.data)) for f in files), return_exceptions=True)
+        answers = await unless_disconnected(request, asyncio.gather(*(service.predict_bytes(bytes(f.data)) for f in files),
+                                                                    return_exceptions=True))
         results = []
         for f, a in zip(files, answers):
             if isinstance(a, HTTPException): results.append(BatchItem(filename=f.filename, error=a.detail, status=a.status_code))
             elif isinstance(a, BaseException): raise a
             else: results.append(BatchItem(filename=f.filename, **a.model_dump(exclude={"model_version"})))
         return BatchOut(results=results, model_version=service.predictor.model_version)
+
+    @app.post("/admin/reload", responses={401: {"description": "no or wrong token"}, 404: {"description": "no admin_token set"}})
+    async def reload(service:ServiceDep, settings:SettingsDep,
+                     authorization:Annotated[str|None, Header(description="Bearer <admin_token>")]=None) -> dict:
+        "Load the model again (a `models:/NAME@ALIAS` URI follows its alias) and swap it in without failing a request in flight."
+        if not settings.admin_token: raise HTTPException(404, "Not Found")
+        if not secrets.compare_digest((authorization or "").encode(), f"Bearer {settings.admin_token}".encode()):
+            raise HTTPException(401, "a valid admin token is needed", headers={"WWW-Authenticate": "Bearer"})
+        before = service.predictor
+        try: after = await service.reload()
+        except Exception as e: raise HTTPException(409, f"the model could not be loaded; still serving the previous one: {e}")
+        return {"status": "reloaded", "previous": {"model_version": before.model_version, "registry": before.registry},
+                "model_version": after.model_version, "registry": after.registry, "backend": after.backend, "precision": after.precision}
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -793,9 +889,10 @@ test_eq(client.get("/ready").status_code, 503)
 
 # %%
 #| export
-_SERVE_FLAGS = ["model_dir", "backend", "tta", "threads", "host", "port", "workers", "max_upload_bytes", "max_batch_files",
-                "max_batch_size", "batch_wait_ms", "url_timeout_s", "allow_private_urls", "max_image_pixels", "open_set",
-                "open_set_threshold"]
+_SERVE_FLAGS = ["model_dir", "backend", "precision", "tta", "threads", "host", "port", "workers", "max_upload_bytes",
+                "max_batch_files", "max_batch_size", "batch_wait_ms", "max_queue", "request_timeout_s", "retry_after_s",
+                "body_timeout_s", "max_connections", "keep_alive_s", "url_timeout_s", "allow_private_urls", "max_image_pixels",
+                "open_set", "open_set_threshold", "mlflow_tracking_uri", "cache_dir", "admin_token"]
 
 def app_from_env() -> FastAPI:
     "The app configured from `CATSDOGS_*` variables (uvicorn factory for `--workers` > 1)."
@@ -811,16 +908,19 @@ def _to_env(settings:Settings, names:list[str]):
 def serve_cli(argv:list[str]|None=None):
     "Console script `catsdogs_serve`: serve the model over HTTP with uvicorn."
     parser = settings_parser("Serve the cats-vs-dogs model over HTTP.", _SERVE_FLAGS)
-    settings, _ = parse_settings(parser, argv)
-    try: check_artifact(settings.model_dir)
+    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir (a folder or a models:/ URI)")
+    settings, args = parse_settings(parser, argv)
+    if args.model is not None: settings.model_dir = args.model
+    try: check_artifact(resolve_model(settings.model_dir, settings.mlflow_tracking_uri, settings.cache_dir)[0])
     except (OSError, ValueError) as e: parser.exit(2, f"catsdogs_serve: cannot serve: {e}\n")
-    settings.model_dir = Path(settings.model_dir).resolve()
+    if not str(settings.model_dir).startswith("models:/"): settings.model_dir = Path(settings.model_dir).resolve()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    limits = dict(limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
     if settings.workers > 1:
         _to_env(settings, _SERVE_FLAGS)
-        uvicorn.run("catsdogs.serving:app_from_env", factory=True, host=settings.host, port=settings.port, workers=settings.workers)
+        uvicorn.run("catsdogs.serving:app_from_env", factory=True, host=settings.host, port=settings.port, workers=settings.workers, **limits)
     else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **limits)
 
 
 # %%
