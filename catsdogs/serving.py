@@ -226,27 +226,53 @@ class MicroBatcher:
         finally: self.waiting -= 1
 
     async def close(self):
-        "Answer what was submitted, then stop the inference thread; later submissions raise `BatcherClosed`."
+        "Stop: the batch running finishes, inputs still queued get `BatcherClosed` (a 503), later submissions too."
         self.closed = True
         self.queue.put(_STOP)
         await anyio.to_thread.run_sync(self.thread.join)
 
-# %% ../nbs/06_serving.ipynb #8c741298
-_STOP = None  # what `close` queues
+    def _next_batch(self) -> list|None:
+        "The queue's head and what else is queued, waiting up to `wait_ms` while smaller than the last batch; None once closed."
+        head = self.queue.get()
+        if head is _STOP or self.closed: return self._give_back([head])
+        batch, deadline = [head], time.monotonic() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic() if len(batch) < self.last_size else 0
+            try: item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty: break
+            if item is _STOP: return self._give_back(batch)
+            batch.append(item)
+        self.last_size = len(batch)
+        return batch
 
-def _next_batch(self:MicroBatcher) -> list|None:
-    "The queue's head and what else is queued, waiting up to `wait_ms` while smaller than the last batch; None once closed."
-    head = self.queue.get()
-    if head is _STOP: return None
-    batch, deadline = [head], time.monotonic() + self.wait_s
-    while len(batch) < self.max_batch_size:
-        remaining = deadline - time.monotonic() if len(batch) < self.last_size else 0
-        try: item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-        except queue.Empty: break
-        if item is _STOP: self.queue.put(_STOP); break  # answer this batch, then stop
-        batch.append(item)
-    self.last_size = len(batch)
-    return batch
+    def _give_back(self, items:list) -> None:
+        "Requeue `items` (once closed, the inference thread fails what is queued) and return None."
+        for item in items:
+            if item is not _STOP: self.queue.put(item)
+
+    def _run_one(self, batch:list) -> list|BaseException:
+        "`run_batch` on the inputs of `batch`: its results, or the exception that stopped it (then every input gets it)."
+        try: results = self.run_batch([x for x, _ in batch])
+        except BaseException as e: return e
+        if len(results) != len(batch): return RuntimeError(f"run_batch gave {len(results)} results for {len(batch)} inputs")
+        return results
+
+    def _work(self):
+        "The inference thread: run batches until closed, then fail whatever is still queued."
+        try:
+            while (batch := self._next_batch()) is not None:
+                batch = [(x, f) for x, f in batch if not f.cancelled()]  # the client went away or the deadline passed: skip
+                if batch: self.loop.call_soon_threadsafe(_settle, batch, self._run_one(batch))
+        except RuntimeError: return  # the event loop is closed
+        finally:
+            left = []
+            while True:
+                try: item = self.queue.get_nowait()
+                except queue.Empty: break
+                if item is not _STOP: left.append(item)
+            if left and not self.loop.is_closed(): self.loop.call_soon_threadsafe(_settle, left, BatcherClosed("the server is shutting down"))
+
+_STOP = None  # what `close` queues
 
 def _settle(batch:list, results:list|BaseException):
     "On the event loop: give each waiting request its result or exception (cancelled ones are skipped)."
@@ -256,30 +282,6 @@ def _settle(batch:list, results:list|BaseException):
         if isinstance(r, StopIteration): r = RuntimeError(repr(r))  # a future refuses StopIteration
         if isinstance(r, BaseException): future.set_exception(r)
         else: future.set_result(r)
-
-def _run_one(self:MicroBatcher, batch:list) -> list|BaseException:
-    "`run_batch` on the inputs of `batch`: its results, or the exception that stopped it."
-    try: results = self.run_batch([x for x, _ in batch])
-    except BaseException as e: return e
-    if len(results) != len(batch): return RuntimeError(f"run_batch gave {len(results)} results for {len(batch)} inputs")
-    return results
-
-def _work(self:MicroBatcher):
-    "The inference thread: run batches until closed, then fail whatever is still queued."
-    try:
-        while (batch := self._next_batch()) is not None:
-            batch = [(x, f) for x, f in batch if not f.cancelled()]  # the client went away: skip the work
-            if batch: self.loop.call_soon_threadsafe(_settle, batch, self._run_one(batch))
-    except RuntimeError: return  # the event loop is closed
-    finally:
-        left = []
-        while True:
-            try: item = self.queue.get_nowait()
-            except queue.Empty: break
-            if item is not _STOP: left.append(item)
-        if left and not self.loop.is_closed(): self.loop.call_soon_threadsafe(_settle, left, BatcherClosed("the server is shutting down"))
-
-MicroBatcher._next_batch, MicroBatcher._run_one, MicroBatcher._work = _next_batch, _run_one, _work
 
 # %% ../nbs/06_serving.ipynb #6665e34f
 class Metrics:

@@ -12,7 +12,9 @@ from pathlib import Path
 import uvicorn
 from PIL import Image
 
-from catsdogs.model import ModelConfig, build_model, export_artifact
+from catsdogs.model import build_model, config_for_backbone, export_artifact
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "PetImages-mini"
 
 _ARTIFACTS: dict[str, Path] = {}
 _TMP = tempfile.TemporaryDirectory(prefix="catsdogs-test-artifacts-")
@@ -22,7 +24,9 @@ def demo_artifact(architecture: str = "small_cnn") -> Path:
     "An untrained artifact of `architecture` (ImageNet backbone where it has one), exported once per test process."
     if architecture not in _ARTIFACTS:
         model = build_model(architecture, pretrained=architecture != "small_cnn")
-        _ARTIFACTS[architecture] = export_artifact(model, Path(_TMP.name) / architecture, ModelConfig.for_backbone(architecture))
+        checks = sample_images(SAMPLE, "cat", 4) + sample_images(SAMPLE, "dog", 4) if SAMPLE.is_dir() else []
+        _ARTIFACTS[architecture] = export_artifact(model, Path(_TMP.name) / architecture, config_for_backbone(architecture, 224, 0.875),
+                                                   check_images=checks)
     return _ARTIFACTS[architecture]
 
 
@@ -41,10 +45,10 @@ def free_socket() -> socket.socket:
 
 
 @contextmanager
-def run_server(app, timeout: float = 60):
-    "Serve `app` with a real uvicorn server on 127.0.0.1 in a thread; yields its base URL (as uvicorn's tests do)."
+def run_server(app, timeout: float = 60, **config):
+    "Serve `app` with a real uvicorn server on 127.0.0.1 in a thread (more `uvicorn.Config` in `config`); yields its base URL."
     sock = free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

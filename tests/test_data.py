@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from catsdogs.config import Settings
-from catsdogs.data import (ImageDataset, build_manifest, download, eval_transform, load_image, prepare,
-                           split_of, train_transform)
+from catsdogs.data import ImageDataset, build_manifest, download, load_image, prepare, split_of
+from catsdogs.presets import Preset
 
 
 def run_prepare(data_dir, out, *extra):
@@ -124,13 +124,14 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_dataset_uses_the_shared_eval_transform(prepared, sample_dir):
     out, manifest, _ = prepared
     rows = manifest[manifest.split == "val"].head(4)
-    ds = ImageDataset(rows, sample_dir, eval_transform())
+    preset = Preset(Settings().image_size, Settings().crop_fraction)
+    ds = ImageDataset(rows, sample_dir, preset.eval_transform(), draft_size=preset.resize_size)
     x, y = ds[0]
     size = Settings().image_size
     assert tuple(x.shape) == (3, size, size) and y in (0, 1)
-    direct = eval_transform()(load_image(sample_dir / rows.path.iloc[0]))
-    assert (x == direct).all()
-    assert tuple(train_transform(128)(load_image(sample_dir / rows.path.iloc[0])).shape) == (3, 128, 128)
+    direct = preset.eval_array(preset.load(sample_dir / rows.path.iloc[0]))
+    assert (x.numpy() == direct).all()
+    assert tuple(Preset(128, 0.875).train_transform()(load_image(sample_dir / rows.path.iloc[0])).shape) == (3, 128, 128)
 
 
 # --- download, against a local HTTP server with range support ---------------------------

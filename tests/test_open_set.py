@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from catsdogs.config import Settings
-from catsdogs.data import decode_size, eval_transform, load_image
+from catsdogs.presets import Preset
 from catsdogs.inference import Predictor
 from catsdogs.model import load_model
 from catsdogs.serving import create_app
@@ -135,9 +135,8 @@ def test_eval_cli_with_an_outlier_folder(open_set_model, small_sample_dir, not_p
 
 def test_exported_graphs_carry_the_open_set_score(open_set_model, not_pets, pets):
     model, config = load_model(open_set_model)
-    tf = eval_transform(config.image_size, config.crop_fraction, config.mean, config.std)
-    x = torch.stack([tf(load_image(p, draft_size=decode_size(config.image_size, config.crop_fraction)))
-                     for p in [*not_pets.values(), *pets["cat"], *pets["dog"]]])
+    preset = Preset.from_config(config)
+    x = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in [*not_pets.values(), *pets["cat"], *pets["dog"]]])
     with torch.no_grad():
         logits, score = model.forward_open_set(x)
         ts_logits, ts_score = torch.jit.load(str(open_set_model / "model.ts"))(x)

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from catsdogs.data import decode_size, eval_transform, load_image
 from catsdogs.model import build_model, load_model
+from catsdogs.presets import Preset
 
 
 def run(*cmd, env=None, timeout=600):
@@ -70,9 +70,9 @@ def test_mlflow_run_is_complete(trained):
 def test_exports_match_eager_on_real_images(trained, sample_dir):
     model_dir, _, _ = trained
     model, config = load_model(model_dir)
-    tf = eval_transform(config.image_size, config.crop_fraction, config.mean, config.std)
+    preset = Preset.from_config(config)
     paths = sorted((sample_dir / "Cat").glob("cat.*.jpg"))[:4] + sorted((sample_dir / "Dog").glob("dog.*.jpg"))[:4]
-    x = torch.stack([tf(load_image(p, draft_size=decode_size(config.image_size, config.crop_fraction))) for p in paths])
+    x = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in paths])
     with torch.no_grad():
         eager = model.forward_open_set(x)
         scripted = torch.jit.load(str(model_dir / "model.ts"))(x)
