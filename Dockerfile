@@ -6,18 +6,17 @@
 #   docker build -t catsdogs --build-arg MODEL_DIR=artifacts/model .  # or baked into the image
 #
 # Every catsdogs setting can be changed with a CATSDOGS_* variable (e.g. -e CATSDOGS_WORKERS=2).
+# The image holds the lean serving install, catsdogs[serve]: ONNX Runtime and OpenVINO, no PyTorch
+# (add ,registry for --model models:/NAME@ALIAS). `python benchmarks/bench_serve_install.py` prints
+# its installed size.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 
-# CPU-only PyTorch first, so installing catsdogs does not pull the CUDA wheels from PyPI
-# (`torch==2.14.1` in the requirements is satisfied by `2.14.1+cpu`).
-RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
-
 COPY setup.py settings.ini pyproject.toml README.md ./
 COPY catsdogs ./catsdogs
-RUN pip install . && rm -rf /app/build
+RUN pip install ".[serve]" && rm -rf /app/build
 
 # Optional: bake a model artifact from the build context into /models.
 ARG MODEL_DIR=""
@@ -27,9 +26,7 @@ RUN --mount=type=bind,target=/ctx mkdir -p /models \
 RUN useradd --create-home --uid 10001 catsdogs && chown -R catsdogs /models
 USER catsdogs
 
-# OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep instead of spinning, leaving the cores
-# to image decoding and ONNX Runtime (much faster on small, shared CPU allocations).
-ENV CATSDOGS_MODEL_DIR=/models CATSDOGS_PORT=8000 OMP_WAIT_POLICY=PASSIVE
+ENV CATSDOGS_MODEL_DIR=/models CATSDOGS_PORT=8000
 EXPOSE 8000
 
 # slim has no curl: ask /health with the standard library.

@@ -61,7 +61,9 @@ def preset_of(settings:Settings) -> Preset:
     "The preprocessing a model trained with `settings` gets: the one its `ModelConfig` will record."
     return Preset.from_config(config_for_backbone(settings.architecture, settings.image_size, settings.crop_fraction))
 
-def epoch_seed(seed:int, epoch:int) -> int: return seed * 1000 + epoch
+def epoch_seed(seed:int, epoch:int) -> int:
+    "The seed of one epoch: from the run's seed and the epoch number alone, so a resumed run repeats it."
+    return seed * 1000 + epoch
 
 def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
                 train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:

@@ -106,8 +106,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     max_upload_bytes: int = Field(10_000_000, gt=0, description="Largest accepted upload or URL download, in bytes")
     max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request")
-    max_batch_size: int = Field(16, ge=1, description="Most images in one micro-batched forward pass")
-    batch_wait_ms: float = Field(2.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
+    max_batch_size: int = Field(8, ge=1, description="Most images in one micro-batched forward pass (see the serving notebook for why 8)")
+    batch_wait_ms: float = Field(10.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
     allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
     max_queue: int = Field(64, ge=1, description="Most images waiting for inference; past it a request gets 503 with Retry-After at once")
@@ -152,6 +152,16 @@ test_eq(Settings().mlflow_tracking_uri, "sqlite:///mlflow.db")
 def get_settings() -> Settings:
     "The process-wide settings, read from the environment once (tests may `get_settings.cache_clear()`)."
     return Settings()
+
+
+# %% [markdown]
+# The service reads its settings through `get_settings` (a FastAPI dependency, which tests
+# override): one `Settings` per process, read once.
+
+# %%
+get_settings.cache_clear()
+test_eq(get_settings() is get_settings(), True)
+get_settings().model_dir, get_settings().backend
 
 
 # %% [markdown]

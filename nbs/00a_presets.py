@@ -36,7 +36,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import sys
+import pickle, subprocess, sys
+import torch  # the examples compare with torchvision; the module itself never imports either
+from torchvision.transforms import v2 as T
 
 
 # %% [markdown]
@@ -89,6 +91,14 @@ def demo_data_dir() -> Path:
 # %%
 data_dir = demo_data_dir()
 data_dir, sorted(p.name for p in data_dir.iterdir())
+
+# %% [markdown]
+# The stand-in, small, with every kind of odd file the real download has:
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    stand_in = sorted(p.name for p in (make_demo_folder(Path(tmp), n_per_class=8)/"Cat").iterdir())
+stand_in
 
 
 # %% [markdown]
@@ -190,6 +200,12 @@ def load_image(source:Path|str|bytes, # A path or the file's bytes
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what PIL's many decoders raise
         raise ImageError("corrupt or truncated image", str(e)) from e
 
+
+# %%
+error = ImageError("not an image", "unknown format")
+test_eq((error.reason, str(error), isinstance(error, ValueError)), ("not an image", "not an image: unknown format", True))
+test_eq(to_rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)), (255, 255, 255))  # transparent: white, not black
+test_eq(to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)), (255, 255, 255))
 
 # %%
 img = load_image(data_dir/"Cat"/"cat.1.jpg")
@@ -377,20 +393,18 @@ preset, img.size, x.shape, float(x.mean())
 # before it), to within float32 rounding:
 
 # %%
-import torch
-from torchvision.transforms import v2 as T
 reference = T.Compose([T.Resize(preset.resize_size, antialias=True), T.CenterCrop(preset.image_size),
                        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
 difference = float(np.abs(reference(img).numpy() - x).max())
 assert difference < 1e-5, difference
 test_eq(tuple(preset.train_transform()(img).shape), (3, 288, 288))
 test_eq(preset.eval_transform()(img).numpy(), x)
+test_eq(pickle.loads(pickle.dumps(preset.eval_transform())), EvalTransform(preset))
 difference
 
 # %% [markdown]
 # Serving imports this module without PyTorch: nothing above loads it at import time.
 
 # %%
-import subprocess
 code = "import sys, catsdogs.presets; print('torch' in sys.modules)"
 test_eq(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip(), "False")

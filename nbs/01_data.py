@@ -311,7 +311,8 @@ with tempfile.TemporaryDirectory() as tmp:
     write_prepared(tmp, *build_manifest(data_dir, progress=False), data_dir)
     test_eq((Path(tmp)/"manifest.csv").read_bytes(), first)
     test_eq(load_prepared(tmp).version, prepared.version)
-prepared.version
+test_eq(isinstance(prepared, PreparedData), True)
+prepared.version, len(prepared.split("train")), len(prepared.split("val")), len(prepared.split("test"))
 
 
 # %% [markdown]
@@ -413,6 +414,17 @@ test_eq(_range_total("bytes 0-9/*"), None)
 # %%
 test_eq(resolve_data_dir(Settings(data_dir=data_dir)), data_dir)
 
+# %% [markdown]
+# `extract_zip` extracts once and refuses archives whose names would land outside the folder:
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    with zipfile.ZipFile(Path(tmp)/"pets.zip", "w") as zf: zf.writestr("PetImages/Cat/0.jpg", (data_dir/"Cat"/"cat.1.jpg").read_bytes())
+    extracted = sorted(p.relative_to(tmp).as_posix() for p in extract_zip(Path(tmp)/"pets.zip", Path(tmp)/"out").rglob("*"))
+    with zipfile.ZipFile(Path(tmp)/"evil.zip", "w") as zf: zf.writestr("../evil.txt", "x")
+    test_fail(lambda: extract_zip(Path(tmp)/"evil.zip", Path(tmp)/"evil"), contains="unsafe path")
+extracted
+
 
 # %% [markdown]
 # ## `catsdogs_prepare`
@@ -446,6 +458,12 @@ def prepare_cli(argv:list[str]|None=None):
     print(pd.crosstab(prepared.manifest.label, prepared.manifest.split, margins=True).to_string())
     if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
 
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    prepared = prepare(Settings(data_dir=data_dir), Path(tmp), progress=False)
+    test_eq(sorted(p.name for p in Path(tmp).iterdir()), ["dataset.json", "manifest.csv", "skipped.csv"])
+prepared.version
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,8 @@ from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetCo
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 import tempfile
+import numpy as np
+import onnxruntime as ort
 
 
 # %% [markdown]
@@ -122,7 +124,23 @@ def efficientnet_lite0(pretrained:bool=True) -> nn.Module:
 backbone = get_backbone("efficientnet_lite0")
 features = backbone.build(True).eval()(torch.zeros(2, 3, 224, 224))
 test_eq(features.shape, (2, backbone.num_features))
+test_eq(efficientnet_lite0_imagenet_head(pretrained=False)(features).shape, (2, 1000))  # the open-set head's ImageNet signal
 test_fail(lambda: get_backbone("resnet9000"), contains="choose one of")
+test_eq(isinstance(backbone, Backbone), True)
+backbone.name, backbone.num_features, backbone.mean, backbone.weights
+
+
+# %% [markdown]
+# Any `pretrained -> nn.Module` function joins the registry with `register_backbone`, and every
+# stage (training, the artifact, serving) can then use it by name:
+
+# %%
+@register_backbone("tiny_demo", 8, weights="none")
+def tiny_demo(pretrained:bool=False) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+test_eq(get_backbone("tiny_demo").build(False)(torch.zeros(1, 3, 32, 32)).shape, (1, 8))
+del BACKBONES["tiny_demo"]
+sorted(BACKBONES)
 
 
 # %% [markdown]
@@ -164,6 +182,7 @@ def mobilenet_v2(pretrained:bool=True) -> nn.Module:
 
 # %%
 test_eq(mobilenet_v3_small(pretrained=False)(torch.zeros(1, 3, 224, 224)).shape, (1, 576))
+test_eq(mobilenet_v2(pretrained=False)(torch.zeros(1, 3, 224, 224)).shape, (1, 1280))
 
 
 # %% [markdown]
@@ -350,6 +369,7 @@ def build_model(architecture:str="efficientnet_lite0", # A name in `BACKBONES`
 
 # %%
 model = build_model().eval()
+test_eq(isinstance(model, CatsDogsNet), True)
 test_eq(model(torch.zeros(3, 3, 224, 224)).shape, (3, 2))
 sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -462,7 +482,18 @@ with tempfile.TemporaryDirectory() as tmp:
     reloaded, reloaded_config = load_model(tmp)
     test_eq(reloaded_config.image_size, 64)
     test_eq(reloaded_config.mean, IMAGENET_MEAN)
+test_eq(config.code_version, code_version())  # the git commit the artifact was made from ("-dirty" with local changes)
 config
+
+# %% [markdown]
+# `export_onnx` alone, for any module: the batch dimension stays dynamic.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    export_onnx(build_model("small_cnn", pretrained=False, open_set=False).eval(), Path(tmp)/"m.onnx", torch.zeros(2, 3, 64, 64))
+    session = ort.InferenceSession(f"{tmp}/m.onnx", providers=["CPUExecutionProvider"])
+    shapes = [session.run(None, {"images": np.zeros((n, 3, 64, 64), np.float32)})[0].shape for n in (1, 5)]
+shapes
 
 # %% [markdown]
 # With the open-set head fitted (here on random features, for the shape of things), the config

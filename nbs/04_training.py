@@ -105,6 +105,8 @@ def init_distributed(device:torch.device) -> tuple[int, int]:
 # %%
 test_eq(resolve_device("cpu").type, "cpu")
 test_eq(init_distributed(torch.device("cpu")), (0, 1))
+seed_everything(7); draw = torch.rand(2)
+seed_everything(7); test_eq(torch.rand(2), draw)
 
 
 # %% [markdown]
@@ -119,7 +121,9 @@ def preset_of(settings:Settings) -> Preset:
     "The preprocessing a model trained with `settings` gets: the one its `ModelConfig` will record."
     return Preset.from_config(config_for_backbone(settings.architecture, settings.image_size, settings.crop_fraction))
 
-def epoch_seed(seed:int, epoch:int) -> int: return seed * 1000 + epoch
+def epoch_seed(seed:int, epoch:int) -> int:
+    "The seed of one epoch: from the run's seed and the epoch number alone, so a resumed run repeats it."
+    return seed * 1000 + epoch
 
 def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
                 train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:
@@ -135,6 +139,21 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
     return DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
                       drop_last=train and per_process > settings.batch_size, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+# %% [markdown]
+# The examples of this notebook train on the sample, prepared once here at a small size:
+
+# %%
+demo_settings = Settings(data_dir=demo_data_dir(), image_size=96, batch_size=8, architecture="small_cnn")
+demo_prepared = prepare(demo_settings, Path(tempfile.mkdtemp())/"data", progress=False)
+cpu = torch.device("cpu")
+test_eq(epoch_seed(42, 3), 42003)
+preset = preset_of(demo_settings)
+loader = make_loader(demo_prepared.split("val").head(16), demo_prepared.root, preset.eval_transform(), demo_settings, cpu)
+x, y = next(iter(loader))
+test_eq((tuple(x.shape), len(loader)), ((8, 3, 96, 96), 2))
+preset, y
 
 
 # %% [markdown]
@@ -206,6 +225,24 @@ def evaluate(model:nn.Module, loader, device:torch.device, progress:bool=False) 
 
 
 # %% [markdown]
+# One short epoch of a small network on those 16 photos, then its evaluation; the learning rate
+# warms up over the first steps, then decays along a cosine:
+
+# %%
+seed_everything(0)
+tiny = build_model("small_cnn", pretrained=False, open_set=False)
+optimizer = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
+scheduler = warmup_cosine(optimizer, total_steps=len(loader), warmup_steps=1)
+loss = train_one_epoch(tiny, loader, nn.CrossEntropyLoss(), optimizer, scheduler, cpu, progress=False)
+logits, targets = predict_logits(tiny, loader, cpu)
+test_eq((logits.shape, targets.shape), ((16, 2), (16,)))
+sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+schedule, lrs = warmup_cosine(sgd, total_steps=10, warmup_steps=2), []
+for _ in range(10): lrs.append(schedule.get_last_lr()[0]); sgd.step(); schedule.step()
+round(loss, 3), [round(lr, 2) for lr in lrs]
+
+
+# %% [markdown]
 # ## The frozen stage on cached features
 #
 # With the backbone frozen, its output for an image never changes, so on a CPU the stage
@@ -216,6 +253,12 @@ def evaluate(model:nn.Module, loader, device:torch.device, progress:bool=False) 
 def extract_features(backbone:nn.Module, loader, device:torch.device, progress:bool=True) -> TensorDataset:
     "Backbone features and targets of every image in `loader`, as a CPU `TensorDataset`."
     return TensorDataset(*predict_logits(backbone, loader, device, progress, "features"))
+
+
+# %%
+features = extract_features(tiny.backbone, loader, cpu, progress=False)
+test_eq(features.tensors[0].shape, (16, 256))
+len(features)
 
 
 # %% [markdown]
@@ -246,6 +289,7 @@ t = fit_temperature(logits, targets)
 assert t > 1, "one confident mistake: the fitted temperature softens the logits"
 m = classification_metrics(torch.softmax(logits / t, 1).numpy(), targets.numpy())
 test_eq((m["accuracy"], m["confusion_matrix"]), (0.75, [[1, 0], [1, 2]]))
+test_eq(sorted(evaluate(tiny, loader, cpu)), ["accuracy", "calibrated_loss", "loss"])  # what each epoch reports on val
 m
 
 
@@ -299,6 +343,23 @@ def save_figures(out:Path, history:list[dict], probs:np.ndarray, targets:np.ndar
         ax.set_title(f"{Path(paths[i]).name}\ntrue {class_names[targets[i]]}, P={true_prob[i]:.2f}", fontsize=8)
     save(fig, "worst_mistakes.png")
     return written
+
+
+# %% [markdown]
+# The figures of a made-up test split of twelve sample photos, two epochs of history (the real
+# ones, for the default model, are at the end of this page):
+
+# %%
+rng = np.random.default_rng(0)
+demo_targets = np.array([0, 1] * 6)
+demo_p_dog = np.clip(np.where(demo_targets == 1, 0.75, 0.25) + rng.normal(0, 0.2, 12), 0.01, 0.99)
+demo_paths = sorted((demo_data_dir()/"Cat").glob("cat.*.jpg"))[:6] + sorted((demo_data_dir()/"Dog").glob("dog.*.jpg"))[:6]
+demo_history = [{"epoch": 1, "train_loss": 0.6, "val_loss": 0.5, "val_accuracy": 0.8},
+                {"epoch": 2, "train_loss": 0.4, "val_loss": 0.45, "val_accuracy": 0.85}]
+with tempfile.TemporaryDirectory() as tmp:
+    written = save_figures(Path(tmp), demo_history, np.c_[1 - demo_p_dog, demo_p_dog], demo_targets, demo_paths)
+    display(Figure(filename=Path(tmp)/"reliability.png"))
+[p.name for p in written]
 
 
 # %% [markdown]
@@ -364,6 +425,15 @@ def load_checkpoint(path:Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    save_checkpoint(Path(tmp)/"last.pt", epoch=3, model=tiny.state_dict(), history=[{"epoch": 3}])
+    restored = load_checkpoint(Path(tmp)/"last.pt")
+test_eq((restored["epoch"], restored["history"]), (3, [{"epoch": 3}]))
+test_fail(lambda: load_checkpoint("nowhere/last.pt"), contains="no checkpoint to resume from")
+sorted(restored)
+
+
 # %% [markdown]
 # ## MLflow
 
@@ -416,6 +486,20 @@ class Tracker:
 
     def end(self, status:str="FINISHED"):
         if self.enabled and self.run: self.mlflow.end_run(status)
+
+
+# %% [markdown]
+# A run in a SQLite store in a temporary folder; with `enabled=False` every call does nothing
+# (the other processes of a DDP run, and `--no-mlflow`):
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    tracker = Tracker(Settings(mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_name="demo"))
+    tracker.log_params({"lr": 0.003}); tracker.log_metrics({"val_loss": 0.1}, step=1); tracker.end()
+    logged = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_run(tracker.run_id).data
+off = Tracker(Settings(), enabled=False); off.log_metrics({"val_loss": 0.1}); off.end()
+test_eq(off.run_id, None)
+logged.params, logged.metrics
 
 
 # %% [markdown]
@@ -653,6 +737,7 @@ tmp = Path(tempfile.mkdtemp())
 settings = Settings(data_dir=demo_data_dir(), output=tmp/"model", image_size=96, batch_size=16,
                     mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db", num_workers=1)
 result = train(settings, quick=True, progress=False)
+test_eq(isinstance(result, TrainResult), True)
 test_eq(sorted(p.name for p in result.output.glob("model*")), ["model.onnx", "model.ts", "model_config.json"])
 test_eq(len(result.history), 2)
 test_eq(result.config.open_set.keep_rate, 0.99)
@@ -761,3 +846,14 @@ def train_cli(argv:list[str]|None=None):
     result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
                    stop_after_epochs=args.stop_after_epochs)
     if result: print(f"model artifact: {result.output}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
+
+
+# %% [markdown]
+# Its flags, each a `Settings` field (also a `CATSDOGS_*` variable), and a few of its own
+# (`tests/test_training.py` runs it, resumed and under torchrun too):
+
+# %%
+with contextlib.redirect_stdout(io.StringIO()) as stdout:
+    try: train_cli(["--help"])
+    except SystemExit as e: test_eq(e.code, 0)
+print(stdout.getvalue()[:1200] + "...")

