@@ -216,7 +216,7 @@ test_fail(lambda: load_image(b""), contains="empty file")
 test_fail(lambda: load_image(b"hello"), contains="not an image")
 test_fail(lambda: load_image(buf.getvalue(), max_pixels=10), contains="too many pixels")
 test_fail(lambda: load_image(buf.getvalue()[:20]), contains="corrupt or truncated")  # cut inside the PNG header
-img
+img.reduce(2)  # shown at half size
 
 # %% [markdown]
 # EXIF orientation is applied: a photo stored sideways with the "rotate 90°" tag comes out upright.

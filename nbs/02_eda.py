@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
 import seaborn as sns
+from matplotlib_inline.backend_inline import set_matplotlib_formats
 import torch
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by libraries) without ipywidgets
@@ -28,7 +29,7 @@ from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, Preset
 from fastcore.test import test_eq
 
 # %%
-# %config InlineBackend.figure_format = 'png'
+set_matplotlib_formats("png")  # 1x images: the committed notebook (and the docs page) stays small
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
 plt.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80})
 pd.set_option("display.max_colwidth", 90)

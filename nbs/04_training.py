@@ -736,7 +736,7 @@ def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:di
 tmp = Path(tempfile.mkdtemp())
 settings = Settings(data_dir=demo_data_dir(), output=tmp/"model", image_size=96, batch_size=16,
                     mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db", num_workers=1)
-result = train(settings, quick=True, progress=False)
+result = train(settings, demo_prepared, quick=True, progress=False)  # the sample prepared above
 test_eq(isinstance(result, TrainResult), True)
 test_eq(sorted(p.name for p in result.output.glob("model*")), ["model.onnx", "model.ts", "model_config.json"])
 test_eq(len(result.history), 2)

@@ -26,8 +26,9 @@ fi
 echo "== 3/5 every notebook runs top to bottom (nbdev_test)"
 nbdev_test --n_workers 2
 
-echo "== 4/5 docs: every step short of the Quarto render"
+echo "== 4/5 docs: every exported symbol documented with an example and its output, the sidebar complete, then every step short of the Quarto render"
+python scripts/check_docs.py
 bash scripts/docs.sh
 
-echo "== 5/5 tests"
+echo "== 5/5 tests (the slow ones, marked \`slow\`, run in benchmarks/slow_tests.sh)"
 python -m pytest tests "$@"

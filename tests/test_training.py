@@ -92,6 +92,7 @@ def test_eval_cli_json(trained, small_sample_dir):
     assert "unreadable skipped" in out
 
 
+@pytest.mark.slow  # trains three times (benchmarks/slow_tests.sh runs it)
 def test_resume_ends_where_an_uninterrupted_run_ends(small_sample_dir, tmp_path):
     common = ["--data-dir", str(small_sample_dir), "--quick", "--num-workers", "1"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -108,6 +109,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(small_sample_dir, tmp_path)
     assert len(mlflow.MlflowClient(uri).get_metric_history(run_id, "val_loss")) == 2
 
 
+@pytest.mark.slow  # two processes training (benchmarks/slow_tests.sh runs it)
 def test_ddp_two_gloo_processes_agree(small_sample_dir, tmp_path):
     run("torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", "catsdogs_train", "--data-dir", str(small_sample_dir),
         "--output", str(tmp_path / "model"), "--quick", "--no-mlflow", "--device", "cpu", "--num-workers", "1",
