@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catsdogs.data import decode_size, eval_transform, find_images, load_image, load_prepared
+from catsdogs.data import find_images, load_prepared
 from catsdogs.inference import Prediction, Predictor, predict_files
-from catsdogs.model import IMAGENET_PET_CLASSES, _efficientnet_lite0_imagenet, get_backbone, open_set_metrics
+from catsdogs.metrics import open_set_metrics
+from catsdogs.model import IMAGENET_PET_CLASSES, _efficientnet_lite0_imagenet, config_for_backbone
+from catsdogs.presets import Preset
 from catsdogs.training import open_set_figures
 
 HERE = Path(__file__).resolve().parents[1]
@@ -60,11 +62,10 @@ def open_set_probabilities(paths: list[Path]) -> np.ndarray:
 def baseline_probabilities(paths: list[Path], image_size: int = 224) -> np.ndarray:
     "The untrained ImageNet head's summed cat and dog probability (EfficientNet-Lite0, 224 px)."
     model = _efficientnet_lite0_imagenet(pretrained=True).eval()
-    spec = get_backbone("efficientnet_lite0")
-    tf, draft = eval_transform(image_size, 0.875, spec.mean, spec.std), decode_size(image_size, 0.875)
+    preset = Preset.from_config(config_for_backbone("efficientnet_lite0", image_size, 0.875))
     out = []
     for start in range(0, len(paths), 32):
-        x = torch.stack([tf(load_image(p, draft_size=draft)) for p in paths[start:start + 32]])
+        x = torch.from_numpy(np.stack([preset.eval_array(preset.load(p)) for p in paths[start:start + 32]]))
         out.append(model(x).softmax(1)[:, list(IMAGENET_PET_CLASSES)].sum(1).numpy())
     return np.concatenate(out)
 

@@ -18,6 +18,11 @@
 # | `POST /predict/batch` | several multipart `files` (at most `max_batch_files`) |
 # | `GET /metrics` | Prometheus metrics |
 # | `POST /admin/reload` | load the model again (a `models:/NAME@ALIAS` follows its alias); needs `admin_token` |
+#
+# A reload builds the new predictor beside the old one (engine choice included), then swaps it
+# in between two batches: the batch running finishes on the old model, and no request fails.
+# With `--workers N` each worker process reloads when a POST reaches it, so send one per worker
+# or, in Kubernetes, run one worker per pod and roll the Deployment.
 # | `GET /docs` | the OpenAPI page |
 #
 # Every answer carries `label` (`"cat"`, `"dog"`, or `"neither"` when the photo shows no cat or

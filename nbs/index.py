@@ -59,8 +59,13 @@
 # ```
 #
 # It checks that each notebook pair is in sync and that the package is what `nbdev_export`
-# makes of the notebooks, runs every notebook top to bottom (`nbdev_test`), then `pytest`.
-# Browser tests use Debian's Chromium, which the script installs with `apt-get` when missing.
+# makes of the notebooks, runs every notebook top to bottom (`nbdev_test`), checks that every
+# exported function and class has a docstring and an example with its output on its docs page
+# (`scripts/check_docs.py`), then runs `pytest`. Browser tests use Debian's Chromium, which the
+# script installs with `apt-get` when missing. Tests that train on the whole sample (the
+# "neither" suite, exact resume, DDP) are marked `slow` and run with
+# `bash benchmarks/slow_tests.sh` (about 8 minutes); the default run still trains one real
+# model and holds it to an accuracy floor.
 
 # %% [markdown]
 # ## Using it step by step

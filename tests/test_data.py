@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import threading
 import zipfile
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -6,7 +6,6 @@ import concurrent.futures
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import httpx

@@ -2,12 +2,9 @@
 match eager, exact resume, DDP with two gloo processes, and the offline weight paths."""
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import mlflow
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
