@@ -881,7 +881,7 @@ def _add_routes(app:FastAPI, page:str):
         return page
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: never waits behind the thread pool
         "Liveness: the process is up."
         return {"status": "ok"}
 

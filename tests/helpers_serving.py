@@ -63,6 +63,30 @@ def run_server(app, timeout: float = 60, **config):
         sock.close()
 
 
+@contextmanager
+def serve_process(*args: str, timeout: float = 120):
+    "`catsdogs_serve ARGS` in its own process on a free port of 127.0.0.1, until /ready answers; yields its base URL."
+    import subprocess, sys, httpx
+    sock = free_socket(); port = sock.getsockname()[1]; sock.close()
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-c", "from catsdogs.serving import serve_cli; serve_cli()", *args, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None: log.seek(0); raise RuntimeError(f"catsdogs_serve exited:\n{log.read()}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200: break
+            except httpx.TransportError: pass
+            if time.monotonic() > deadline: raise RuntimeError("catsdogs_serve did not become ready")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate(); proc.wait(timeout=30)
+        log.seek(0); serve_process.last_log = log.read(); log.close()
+
+
 class _FileHandler(http.server.BaseHTTPRequestHandler):
     "GET /<name> serves files[name]; /redirect?to=URL answers 302 to URL."
     files: dict[str, bytes] = {}
