@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +43,6 @@ def forward_rate(run, x: np.ndarray, batch: int, seconds: float = 1.5) -> float:
     return batch / statistics.median(times)
 
 
-def ceiling(predictor, jpegs: list[bytes], batch: int, repeats: int = 3) -> float:
-    "Images/s of decode (on the predictor's threads) then one forward pass per batch, best of `repeats` passes."
-    with ThreadPoolExecutor(predictor.threads) as pool:
-        def one_pass():
-            start = time.perf_counter()
-            for i in range(0, len(jpegs), batch):
-                predictor.predict_arrays(np.stack(list(pool.map(predictor.preprocess, jpegs[i:i + batch]))))
-            return time.perf_counter() - start
-        one_pass()
-        return len(jpegs) / min(one_pass() for _ in range(repeats))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "artifacts" / "model")
@@ -64,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=64, help="Sample JPEGs for the ceiling")
     parser.add_argument("--ceiling-batch", type=int, nargs="+", default=[8, 16], help="Batch sizes of the ceiling")
     args = parser.parse_args(argv)
+    from bench_serve import ceiling  # the same ceiling the serving benchmark holds the service to
     from catsdogs.inference import Predictor, check_batch, openvino_precisions, softmax
     engines = [("onnx", "f32")] + [("openvino", p) for p in openvino_precisions()]
     jpegs = sample_jpegs(args.images)
@@ -96,4 +84,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

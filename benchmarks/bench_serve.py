@@ -58,23 +58,28 @@ def demo_artifact() -> Path:
     return export_artifact(build_model("efficientnet_lite0", pretrained=True), out, config_for_backbone("efficientnet_lite0", 288, 0.875))
 
 
-def in_process(model: Path, backend: str, precision: str, images: list[tuple[str, bytes]], batch_size: int, threads: int) -> dict:
-    "Ceiling images/s (decode a batch on the inference threads, then one forward pass) and one image's time, best of three."
-    from catsdogs.inference import Predictor
-    predictor = Predictor(model, backend=backend, precision=precision, threads=threads)
-    datas = [d for _, d in images]
+def ceiling(predictor, datas: list[bytes], batch_size: int, repeats: int = 3) -> float:
+    "Images/s of decode (on the predictor's threads) then one forward pass per batch, best of `repeats` passes after a warm-up."
     with ThreadPoolExecutor(predictor.threads) as pool:
         def one_pass():
             start = time.perf_counter()
             for i in range(0, len(datas), batch_size):
                 predictor.predict_arrays(np.stack(list(pool.map(predictor.preprocess, datas[i:i + batch_size]))))
             return time.perf_counter() - start
-        one_pass()  # warm-up
-        ceiling = len(datas) / min(one_pass() for _ in range(3))
+        one_pass()
+        return len(datas) / min(one_pass() for _ in range(repeats))
+
+
+def in_process(model: Path, backend: str, precision: str, images: list[tuple[str, bytes]], batch_size: int, threads: int) -> dict:
+    "Ceiling images/s (decode a batch on the inference threads, then one forward pass) and one image's time, best of three."
+    from catsdogs.inference import Predictor
+    predictor = Predictor(model, backend=backend, precision=precision, threads=threads)
+    datas = [d for _, d in images]
+    rate = ceiling(predictor, datas, batch_size)
     def one_image(data):
         start = time.perf_counter(); predictor.predict(data); return time.perf_counter() - start
     single = min(statistics.median(one_image(d) for d in datas[:20]) for _ in range(3))  # best of three medians
-    return {"backend": predictor.backend, "precision": predictor.precision, "ceiling_rps": ceiling, "single_ms": 1000 * single}
+    return {"backend": predictor.backend, "precision": predictor.precision, "ceiling_rps": rate, "single_ms": 1000 * single}
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

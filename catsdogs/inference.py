@@ -5,6 +5,7 @@
 # %% ../nbs/05_inference.ipynb #473f9afb
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -80,6 +81,7 @@ def default_threads(threads:int=0) -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+@functools.cache  # the CPU does not change: ask once per process
 def openvino_precisions() -> tuple[str, ...]:
     "What OpenVINO's CPU plugin computes in on this machine: `f32`, and `bf16` where the CPU has bf16 units (AMX, AVX-512 BF16)."
     import openvino as ov

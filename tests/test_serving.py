@@ -6,7 +6,6 @@ import concurrent.futures
 import shutil
 import socket
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 from catsdogs.config import Settings
 from catsdogs.inference import Predictor
 from catsdogs.serving import create_app, refusal_reason
-from helpers_serving import bomb_png, demo_artifact, file_server, free_socket, odd_images, run_server, sample_images
+from helpers_serving import bomb_png, demo_artifact, file_server, odd_images, run_server, sample_images, serve_process
 
 LIMIT = 2_000_000  # upload limit of the test apps, small so oversize tests stay quick
 
@@ -327,20 +326,6 @@ def test_workers_build_their_app_from_the_environment(artifact, monkeypatch):
 
 
 def test_serve_answers_over_http(artifact):
-    sock = free_socket(); port = sock.getsockname()[1]; sock.close()
-    script = shutil.which("catsdogs_serve") or pytest.skip("catsdogs_serve is not installed")
-    proc = subprocess.Popen([script, "--model-dir", str(artifact), "--port", str(port), "--backend", "onnx"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200: break
-            except httpx.TransportError: pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        r = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
+    with serve_process("--model-dir", str(artifact), "--backend", "onnx") as base:
+        r = httpx.get(f"{base}/ready", timeout=5)
         assert r.status_code == 200 and r.json()["backend"] == "onnx"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
