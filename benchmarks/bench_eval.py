@@ -39,7 +39,7 @@ def main(argv=None):
     if not SAMPLE.is_dir(): sys.exit(f"the image sample {SAMPLE} is missing")
     with tempfile.TemporaryDirectory() as tmp:
         folder = linked_folder(Path(tmp) / "photos", args.n)
-        cmd = [sys.executable, "-c", "from catsdogs.inference import eval_cli; eval_cli()", "--model", str(args.model),
+        cmd = [sys.executable, "-c", "from catsdogs.evaluation import eval_cli; eval_cli()", "--model", str(args.model),
                "--data-dir", str(folder), "--json"]
         print("$ catsdogs_eval --model", args.model, "--data-dir", f"<{args.n} photos>", "--json", flush=True)
         start = time.perf_counter()

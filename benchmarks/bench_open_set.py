@@ -31,7 +31,7 @@ from catsdogs.inference import Prediction, Predictor, predict_files
 from catsdogs.metrics import open_set_metrics
 from catsdogs.model import IMAGENET_PET_CLASSES, _efficientnet_lite0_imagenet, config_for_backbone
 from catsdogs.presets import Preset
-from catsdogs.training import open_set_figures
+from catsdogs.metrics import open_set_figures
 
 HERE = Path(__file__).resolve().parents[1]
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -13,11 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['PETIMAGES_URL', 'Settings', 'get_settings', 'settings_parser', 'parse_settings']
+__all__ = ['PETIMAGES_URL', 'SECTIONS', 'MODEL_SOURCE', 'DataSettings', 'ModelSettings', 'TrainingSettings', 'InferenceSettings',
+           'EvaluationSettings', 'ServingSettings', 'Settings', 'section_of', 'get_settings', 'settings_parser',
+           'parse_settings']
 
 # %% ../nbs/00_config.ipynb #e788e181
 PETIMAGES_URL = ("https://download.microsoft.com/download/3/E/1/"
@@ -27,15 +29,16 @@ def _default_tracking_uri() -> str:
     "The standard `MLFLOW_TRACKING_URI`, else a SQLite store in the working directory."
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
-class Settings(BaseSettings):
-    "Every tunable of catsdogs, from data preparation to serving."
-    model_config = SettingsConfigDict(env_prefix="CATSDOGS_", extra="ignore", validate_assignment=True)
+class _Section(BaseSettings):
+    "Base of the settings sections: every field reads `CATSDOGS_<FIELD>` from the environment."
+    model_config = SettingsConfigDict(env_prefix="CATSDOGS_", extra="ignore", validate_assignment=True, populate_by_name=True)
 
-    # --- data ---
+class DataSettings(_Section):
+    "Where the photos come from, how they are checked, and how they are split (`catsdogs_prepare`)."
     data_dir: Path | None = Field(None, description="Local image folder (class subfolders or Kaggle-style names); unset: download PetImages")
     dataset_url: str = Field(PETIMAGES_URL, description="URL of the PetImages zip")
     dataset_sha256: str | None = Field(None, description="Expected sha256 of the zip; unset: record it, check only the size")
-    cache_dir: Path = Field(Path.home()/".cache"/"catsdogs", description="Where downloads and their extraction live")
+    cache_dir: Path = Field(Path.home()/".cache"/"catsdogs", description="Where downloads (the dataset, registry models) and their extraction live")
     prepared_dir: Path = Field(Path("artifacts/data"), description="Where `catsdogs_prepare` writes manifest.csv and skipped.csv")
     class_names: tuple[str, ...] = Field(("cat", "dog"), description="Class names, in output order")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for validation")
@@ -44,14 +47,21 @@ class Settings(BaseSettings):
     near_duplicate_distance: int = Field(4, ge=0, le=16, description="Max perceptual-hash Hamming distance for near duplicates")
     num_workers: int = Field(0, ge=0, description="Worker processes; 0: automatic (preparation: one per core; loading: up to 8 on CUDA, none on CPU)")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Larger images are refused as decompression bombs")
-    ood_dir: Path | None = Field(None, description="Optional folder of photos that show neither a cat nor a dog (any layout): open-set metrics on them")
 
-    # --- images and model ---
+class ModelSettings(_Section):
+    "What the model is, and where its artifact and its runs are kept (training writes them, every later stage reads them)."
+    architecture: str = Field("efficientnet_lite0", description="Backbone name from the model registry")
     image_size: int = Field(288, ge=32, description="Side of the square model input (EfficientNet-Lite0 transfers best above its 224 training size)")
     crop_fraction: float = Field(0.875, gt=0, le=1, description="Eval: resize shorter side to image_size/crop_fraction, then centre-crop")
-    architecture: str = Field("efficientnet_lite0", description="Backbone name from the model registry")
+    model_dir: Path = Field(Path("artifacts/model"), validation_alias=AliasChoices("CATSDOGS_MODEL_DIR", "CATSDOGS_OUTPUT"),
+                            description="The model artifact: the directory training writes, and what predict, eval and serve read "
+                                        "(there also a registry URI such as models:/catsdogs@champion)")
+    mlflow_tracking_uri: str = Field(default_factory=_default_tracking_uri, description="MLflow tracking URI (also read from MLFLOW_TRACKING_URI)")
+    experiment_name: str = Field("catsdogs", description="MLflow experiment name")
+    registered_model_name: str = Field("catsdogs", description="Name in the MLflow Model Registry")
 
-    # --- training ---
+class TrainingSettings(_Section):
+    "How the model is trained (`catsdogs_train`), the open-set head's fit included."
     epochs: int = Field(7, ge=1, description="Total epochs, frozen stage included")
     freeze_epochs: int = Field(5, ge=0, description="Epochs that train the head only, backbone frozen")
     batch_size: int = Field(32, ge=1, description="Images per training step (per process under torchrun)")
@@ -63,29 +73,32 @@ class Settings(BaseSettings):
     patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation loss")
     freeze_bn: bool = Field(True, description="Keep BatchNorm statistics fixed while fine-tuning (stable with small batches)")
     device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`")
-    output: Path = Field(Path("artifacts/model"), description="Directory of the trained model artifact")
-    mlflow_tracking_uri: str = Field(default_factory=_default_tracking_uri, description="MLflow tracking URI (also read from MLFLOW_TRACKING_URI)")
-    experiment_name: str = Field("catsdogs", description="MLflow experiment name")
-    registered_model_name: str = Field("catsdogs", description="Name in the MLflow Model Registry")
     open_set_keep_rate: float = Field(0.99, gt=0, le=1, description="Share of validation cats and dogs the 'neither' threshold keeps")
     open_set_k: int = Field(5, ge=1, description="Open-set head: similarity to the k-th nearest training photo")
     open_set_bank_size: int = Field(4096, ge=1, description="Open-set head: most training features kept for the nearest-neighbour search")
     open_set_slope: float = Field(3.0, gt=0, description="Open-set head: Platt slope from score to p_cat_or_dog (fitted in development)")
     open_set_offset: float = Field(6.0, description="Open-set head: Platt offset from score to p_cat_or_dog (fitted in development)")
 
-    # --- inference and serving ---
-    model_dir: Path = Field(Path("artifacts/model"), description="Model artifact to serve: a directory, or a registry URI such as models:/catsdogs@champion")
+class InferenceSettings(_Section):
+    "How a model artifact is run (`catsdogs_predict`, `catsdogs_eval`, `catsdogs_serve`)."
     backend: Literal["auto", "onnx", "openvino", "eager", "torchscript"] = Field("auto", description="Inference engine; auto: the fastest of onnx and openvino that agrees with onnx f32 on the model's check photos")
     precision: Literal["auto", "f32", "bf16"] = Field("auto", description="Compute precision; bf16 needs the openvino backend and a CPU with bf16 units; auto: measured")
     tta: bool = Field(False, description="Average the prediction of the image and its mirror")
     open_set: bool = Field(True, description="Answer 'neither' for photos that show no cat or dog; --no-open-set: always cat or dog")
     open_set_threshold: float | None = Field(None, ge=0, le=1, description="Answer 'neither' below this p_cat_or_dog; unset: the model artifact's threshold")
     threads: int = Field(0, ge=0, description="Inference threads; 0: one per core")
+
+class EvaluationSettings(_Section):
+    "What `catsdogs_eval` measures on besides the labelled folder (`data_dir`)."
+    ood_dir: Path | None = Field(None, description="Optional folder of photos that show neither a cat nor a dog (any layout): open-set metrics on them")
+
+class ServingSettings(_Section):
+    "The HTTP service (`catsdogs_serve`): where it listens, and the limits that keep it up under bad input and overload."
     host: str = Field("127.0.0.1", description="Address the server binds")
     port: int = Field(8000, ge=0, le=65535, description="Port the server binds")
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     max_upload_bytes: int = Field(10_000_000, gt=0, description="Largest accepted upload or URL download, in bytes")
-    max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request")
+    max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request (see max_batch_size for the model's batches)")
     max_batch_size: int = Field(8, ge=1, description="Most images in one micro-batched forward pass (see the serving notebook for why 8)")
     batch_wait_ms: float = Field(10.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
@@ -97,6 +110,15 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=1, description="Most concurrent connections and requests (uvicorn limit_concurrency); past it uvicorn answers 503")
     keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this (uvicorn timeout_keep_alive)")
     admin_token: str | None = Field(None, description="Bearer token of POST /admin/reload (reload the model, e.g. a new registry version); unset: the route is off")
+
+SECTIONS = (DataSettings, ModelSettings, TrainingSettings, InferenceSettings, EvaluationSettings, ServingSettings)
+
+class Settings(DataSettings, ModelSettings, TrainingSettings, InferenceSettings, EvaluationSettings, ServingSettings):
+    "Every tunable of catsdogs: the sections together, one flat namespace (`settings.seed`, `CATSDOGS_SEED`, `--seed`)."
+
+def section_of(field:str) -> type[BaseSettings]:
+    "The section a `Settings` field belongs to."
+    return next(section for section in SECTIONS if field in section.model_fields)
 
 # %% ../nbs/00_config.ipynb #5912e6bd
 @lru_cache
@@ -114,23 +136,35 @@ def _flag_type(annotation):
     if typing.get_origin(annotation) is tuple: return lambda s: tuple(x.strip() for x in s.split(","))
     return annotation
 
+MODEL_SOURCE = ("model_dir", "mlflow_tracking_uri", "cache_dir")  # where a model artifact comes from: a folder or a registry URI
+
+def _field_names(fields:list[str|type[BaseSettings]]) -> list[str]:
+    "Field names from a list of sections and single field names, in order, each once."
+    names = [n for f in fields for n in (f.model_fields if isinstance(f, type) else [f])]
+    return list(dict.fromkeys(names))
+
 def settings_parser(description:str, # What the command does
-                    fields:list[str], # `Settings` fields to expose as flags
+                    fields:list[str|type[BaseSettings]], # Sections (all their fields) and single `Settings` fields to expose as flags
+                    aliases:dict[str, str]|None=None, # Extra flag -> field, e.g. `{"--output": "model_dir"}`
                     **kwargs) -> argparse.ArgumentParser:
-    "An argument parser with one `--flag` per `Settings` field, defaults left to the environment."
+    "An argument parser with one `--flag` per field, grouped by section in `--help`, defaults left to the environment."
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
     try: defaults = Settings()
     except ValidationError: defaults = None  # a bad CATSDOGS_* value: `parse_settings` reports it as a usage error
-    for name in fields:
+    names, groups = _field_names(fields), {}
+    extra_flags = {field: [flag] for flag, field in (aliases or {}).items()}
+    for name in names:
+        section = section_of(name)
+        if section not in groups: groups[section] = parser.add_argument_group(section.__name__.removesuffix("Settings").lower() + " settings", section.__doc__)
         info = Settings.model_fields[name]
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")] + extra_flags.get(name, [])
         now = getattr(defaults, name) if defaults is not None else "see the error"
         help_text = f"{info.description} (env CATSDOGS_{name.upper()}; now: {now})"
         if info.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            groups[section].add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else None
-            parser.add_argument(flag, dest=name, type=_flag_type(info.annotation), choices=choices, default=None, help=help_text)
+            groups[section].add_argument(*flags, dest=name, type=_flag_type(info.annotation), choices=choices, default=None, help=help_text)
     return parser
 
 def parse_settings(parser:argparse.ArgumentParser, argv:list[str]|None=None) -> tuple[Settings, argparse.Namespace]:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from .config import Settings, parse_settings, settings_parser
+from .config import DataSettings, ModelSettings, Settings, TrainingSettings, parse_settings, settings_parser
 from .data import ImageDataset, PreparedData, load_prepared, prepare
-from .metrics import classification_metrics, reliability
+from .metrics import classification_metrics, save_figures
 from .model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
-from .presets import ModelConfig, OpenSetConfig, Preset, load_image
+from .presets import ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
 __all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'preset_of', 'epoch_seed', 'make_loader', 'warmup_cosine',
-           'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature', 'save_figures',
-           'open_set_figures', 'save_checkpoint', 'load_checkpoint', 'Tracker', 'TrainResult', 'train', 'train_cli']
+           'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature', 'TrainState',
+           'Tracker', 'TrainResult', 'TrainingRun', 'train', 'start_run', 'prepare_data', 'split_rows',
+           'build_run_model', 'open_tracker', 'Stage', 'start_stage', 'run_epoch', 'end_epoch', 'fit_stages',
+           'split_features', 'test_metrics', 'finish', 'train_cli']
 
 # %% ../nbs/04_training.ipynb #90e829af
 def resolve_device(name:str="auto") -> torch.device:
@@ -81,12 +82,12 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 # %% ../nbs/04_training.ipynb #8f969cb5
-def warmup_cosine(optimizer:torch.optim.Optimizer, total_steps:int, warmup_steps:int) -> torch.optim.lr_scheduler.LambdaLR:
-    "Linear warm-up to each group's learning rate, then cosine decay to zero."
-    def factor(step):
-        if step < warmup_steps: return (step + 1) / (warmup_steps + 1)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def warmup_cosine(optimizer:torch.optim.Optimizer, total_steps:int, warmup_steps:int) -> torch.optim.lr_scheduler.LRScheduler:
+    "Linear warm-up to each group's learning rate over `warmup_steps`, then cosine decay to zero at `total_steps`."
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    if warmup_steps == 0: return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / (warmup_steps + 1), 1.0, total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 def _autocast(device:torch.device):
     "bfloat16 autocast on CUDA, a no-op on CPU."
@@ -155,93 +156,43 @@ def fit_temperature(logits:torch.Tensor, targets:torch.Tensor, max_iter:int=100)
     return float(log_t.exp().clamp(0.05, 20).item())
 
 # %% ../nbs/04_training.ipynb #8d4b78ac
-def save_figures(out:Path, history:list[dict], probs:np.ndarray, targets:np.ndarray, paths:list[Path],
-                 class_names:tuple=("cat", "dog"), n_worst:int=12) -> list[Path]:
-    "Write the evaluation figures to `out`; returns their paths."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    written = []
-    def save(fig, name):
-        fig.tight_layout(); fig.savefig(out/name, dpi=90); plt.close(fig); written.append(out/name)
-    hist = pd.DataFrame(history)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for col in ("train_loss", "val_loss"):
-        if col in hist: axes[0].plot(hist.epoch, hist[col], marker="o", label=col)
-    axes[0].set(xlabel="epoch", title="loss"); axes[0].legend()
-    if "val_accuracy" in hist: axes[1].plot(hist.epoch, hist.val_accuracy, marker="o")
-    axes[1].set(xlabel="epoch", title="validation accuracy")
-    save(fig, "training_curves.png")
-    predicted = probs.argmax(1)
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    ConfusionMatrixDisplay.from_predictions(targets, predicted, labels=[0, 1], display_labels=class_names, ax=ax, colorbar=False)
-    save(fig, "confusion_matrix.png")
-    if len(set(targets)) == 2:
-        fig, ax = plt.subplots(figsize=(3.6, 3.2))
-        RocCurveDisplay.from_predictions(targets, probs[:, 1], ax=ax, name=class_names[1])
-        save(fig, "roc.png")
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    _, accuracy, share = reliability(probs, targets)  # the bins of the ECE
-    starts = np.arange(len(share)) / len(share)
-    ax.bar(starts[share > 0], accuracy[share > 0], width=1 / len(share), align="edge", edgecolor="k", alpha=0.7, label="accuracy")
-    ax.plot([0.5, 1], [0.5, 1], "k--", label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability", xlim=(0.45, 1.0), ylim=(0, 1.02)); ax.legend()
-    save(fig, "reliability.png")
-    true_prob = probs[np.arange(len(targets)), targets]
-    worst = np.argsort(true_prob)[:n_worst]
-    fig, axes = plt.subplots(2, (len(worst) + 1) // 2 or 1, figsize=(12, 4.6), squeeze=False)
-    for ax in axes.flat: ax.axis("off")
-    for ax, i in zip(axes.flat, worst):
-        ax.imshow(load_image(paths[i], draft_size=256))
-        ax.set_title(f"{Path(paths[i]).name}\ntrue {class_names[targets[i]]}, P={true_prob[i]:.2f}", fontsize=8)
-    save(fig, "worst_mistakes.png")
-    return written
+@dataclass
+class TrainState:
+    "The whole state of a training run between two epochs; `save` and `load` it to continue an interrupted run."
+    settings: dict  # the run's `Settings`, as JSON: a resumed run keeps its hyper-parameters
+    dataset_version: str
+    run_id: str|None = None  # MLflow
+    epoch: int = 0  # epochs done
+    frozen: bool|None = None  # the stage of the last epoch done (None: none yet)
+    model: dict|None = None
+    optimizer: dict|None = None
+    scheduler: dict|None = None
+    best_state: dict|None = None  # weights of the best epoch (lowest calibrated validation loss)
+    best_loss: float = float("inf")
+    bad_epochs: int = 0  # epochs since the best one, in this stage
+    history: list = field(default_factory=list)
 
-# %% ../nbs/04_training.ipynb #a1e9fca1
-def _log_odds(p:np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
-    return np.log(p) - np.log1p(-p)
+    def record(self, epoch_record:dict, model:nn.Module, min_delta:float=1e-4) -> bool:
+        "Add one epoch to the history and keep its weights if they are the best so far; returns whether they are."
+        self.history.append(epoch_record); self.epoch = epoch_record["epoch"]
+        improved = epoch_record["val_calibrated_loss"] < self.best_loss - min_delta
+        if improved:
+            self.best_loss, self.bad_epochs = epoch_record["val_calibrated_loss"], 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else: self.bad_epochs += 1
+        return improved
 
-def open_set_figures(out:Path, # Folder for the PNGs
-                     p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dogs
-                     p_outliers:np.ndarray, # p_cat_or_dog of photos of neither
-                     threshold:float, pet_paths:list[Path], outlier_paths:list[Path], n_gallery:int=6) -> list[Path]:
-    "Write the score histograms (PNG) and the gallery of the hardest outliers and pets (JPEG) to `out`; returns their paths."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 2.8))
-    pets, outliers = _log_odds(p_pets), _log_odds(p_outliers)
-    bins = np.linspace(min(pets.min(), outliers.min()), max(pets.max(), outliers.max()), 60)
-    ax.hist(pets, bins, alpha=0.6, density=True, label=f"cats and dogs ({len(pets)})")
-    ax.hist(outliers, bins, alpha=0.6, density=True, label=f"neither ({len(outliers)})")
-    ax.axvline(_log_odds(threshold), color="k", linestyle="--", label=f"threshold (p = {threshold:.2f})")
-    ax.set(xlabel="log-odds of p_cat_or_dog", ylabel="density", title="open-set score"); ax.legend(fontsize=8)
-    fig.tight_layout(); fig.savefig(out/"open_set_scores.png", dpi=72); plt.close(fig)
-    hardest = [(outlier_paths[i], p_outliers[i]) for i in np.argsort(-np.asarray(p_outliers))[:n_gallery]]
-    hardest += [(pet_paths[i], p_pets[i]) for i in np.argsort(p_pets)[:n_gallery]]
-    fig, axes = plt.subplots(2, n_gallery, figsize=(1.7 * n_gallery, 4), squeeze=False)
-    for ax in axes.flat: ax.axis("off")
-    for ax, (path, p) in zip(axes.flat, hardest):
-        ax.imshow(load_image(path, draft_size=128).resize((128, 128)))
-        ax.set_title(f"{Path(path).parent.name}\np={p:.2f} {'passes' if p >= threshold else 'refused'}", fontsize=7)
-    axes[0, 0].text(-0.1, 0.5, "neither,\nhighest", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=8)
-    axes[1, 0].text(-0.1, 0.5, "cats, dogs,\nlowest", transform=axes[1, 0].transAxes, ha="right", va="center", fontsize=8)
-    fig.tight_layout(); fig.savefig(out/"open_set_gallery.jpg", dpi=72, pil_kwargs={"quality": 80}); plt.close(fig)
-    return [out/"open_set_scores.png", out/"open_set_gallery.jpg"]
+    def save(self, path:Path):
+        "Write the state to `path` atomically (to a temporary file, then rename)."
+        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp); tmp.replace(path)
 
-# %% ../nbs/04_training.ipynb #04adcb79
-def save_checkpoint(path:Path, **state):
-    "Write `state` atomically (to a temporary file, then rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp); tmp.replace(path)
-
-def load_checkpoint(path:Path) -> dict:
-    "Read a checkpoint written by `save_checkpoint`."
-    if not Path(path).exists(): raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    @classmethod
+    def load(cls, path:Path) -> TrainState:
+        "The state saved at `path`."
+        if not Path(path).exists(): raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+        return cls(**torch.load(path, map_location="cpu", weights_only=False))
 
 # %% ../nbs/04_training.ipynb #0ce7e9c1
 def _artifact_location(tracking_uri:str) -> str|None:
@@ -296,16 +247,203 @@ class Tracker:
 @dataclass
 class TrainResult:
     "What `train` returns: the artifact folder, its config (with test metrics) and the MLflow run id."
-    output: Path
+    model_dir: Path
     config: ModelConfig
     run_id: str|None = None
     history: list = field(default_factory=list)
     stopped_early: bool = False
 
+@dataclass
+class TrainingRun:
+    "One process of a training run: its settings, device, place in a torchrun job, artifact folder and state."
+    settings: Settings
+    device: torch.device
+    rank: int
+    world_size: int
+    state: TrainState|None  # None until the data version is known (fresh runs); the loaded state when resuming
+
+    @property
+    def main(self) -> bool: return self.rank == 0
+    @property
+    def model_dir(self) -> Path: return Path(self.settings.model_dir)
+    @property
+    def checkpoint(self) -> Path: return self.model_dir/"checkpoints"/"last.pt"
+
+    def barrier(self):
+        "Wait for every process of a torchrun job (nothing to wait for alone)."
+        if self.world_size > 1: dist.barrier()
+
+# %% ../nbs/04_training.ipynb #9feec678
+def train(settings:Settings|None=None, # All hyper-parameters and paths
+          prepared:PreparedData|None=None, # A prepared manifest; None: prepare `settings.data_dir`
+          quick:bool=False, # Tiny run for smoke tests: few images, small inputs, 2 epochs
+          resume:bool=False, # Continue from `<model_dir>/checkpoints/last.pt`
+          mlflow:bool=True, # Track the run in MLflow
+          stop_after_epochs:int|None=None, # Stop (as if interrupted) after this many epochs in total
+          progress:bool=True) -> TrainResult|None:
+    "Train, calibrate, evaluate and export a model; returns `None` if stopped early on purpose."
+    run = start_run(settings or Settings(), quick, resume)
+    prepared = prepared or prepare_data(run, progress)
+    rows = split_rows(run, prepared, quick)
+    model = build_run_model(run)
+    tracker = open_tracker(run, prepared, mlflow and run.main, quick)
+    outcome = fit_stages(run, model, rows, prepared.root, tracker, progress, stop_after_epochs)
+    if outcome == "interrupted": tracker.end("KILLED"); return None
+    model.load_state_dict(run.state.best_state)
+    if run.world_size > 1: _check_replicas(run, model)
+    result = finish(run, model, prepared, rows, tracker, outcome == "early_stop", progress) if run.main else None
+    if run.world_size > 1: dist.barrier(); dist.destroy_process_group()
+    return result
+
+# %% ../nbs/04_training.ipynb #b50d090c
+def start_run(settings:Settings, quick:bool=False, resume:bool=False) -> TrainingRun:
+    "Device, process group and, when resuming, the saved state with the hyper-parameters the run started with."
+    if str(settings.model_dir).startswith("models:/"):
+        raise ValueError(f"training writes a folder; --model-dir {settings.model_dir} is a registry URI (promote a trained model instead)")
+    if quick: settings = settings.model_copy(update={"epochs": min(settings.epochs, 2), "freeze_epochs": min(settings.freeze_epochs, 1)})
+    device = resolve_device(settings.device)
+    rank, world_size = init_distributed(device)
+    run = TrainingRun(settings, device, rank, world_size, None)
+    if resume:
+        run.state = TrainState.load(run.checkpoint)
+        here = {k: getattr(settings, k) for k in ("device", "num_workers", "model_dir", "mlflow_tracking_uri", "data_dir")}
+        run.settings = Settings(**{**run.state.settings, **here})  # only where and how to run may change
+    return run
+
+def prepare_data(run:TrainingRun, progress:bool=True) -> PreparedData:
+    "Prepare `data_dir` (or the download) into `<model_dir>/data` on the main process; every process loads it."
+    prepared_dir = run.model_dir/"data"
+    if run.main: prepare(run.settings, prepared_dir, progress=progress)
+    run.barrier()
+    return load_prepared(prepared_dir)
+
+def split_rows(run:TrainingRun, prepared:PreparedData, quick:bool=False) -> dict[str, pd.DataFrame]:
+    "The manifest rows of each split (a few per class with `quick`); checks them against a resumed state."
+    if run.state and run.state.dataset_version != prepared.version:
+        raise ValueError("the checkpoint was trained on another dataset version; resume with the same data")
+    if run.state is None: run.state = TrainState(run.settings.model_dump(mode="json"), prepared.version)
+    rows = {s: prepared.split(s) for s in ("train", "val", "test")}
+    if quick: rows = {s: _quick_rows(r, 24 if s == "train" else 8, run.settings.seed) for s, r in rows.items()}
+    for s, r in rows.items():
+        if r.empty: raise ValueError(f"the {s} split is empty: more images are needed")
+    return rows
+
+def build_run_model(run:TrainingRun) -> CatsDogsNet:
+    "The model on the run's device: pretrained weights for a fresh run, the saved ones when resuming."
+    s = run.settings
+    seed_everything(s.seed)
+    resuming = run.state.model is not None
+    model = build_model(s.architecture, pretrained=not resuming and get_backbone(s.architecture).weights.startswith("ImageNet"))
+    if resuming: model.load_state_dict(run.state.model)
+    return model.to(run.device).to(memory_format=torch.channels_last)
+
+def open_tracker(run:TrainingRun, prepared:PreparedData, enabled:bool=True, quick:bool=False) -> Tracker:
+    "The MLflow run (the same one when resuming), with the parameters and the dataset logged once."
+    tracker = Tracker(run.settings, enabled=enabled, run_id=run.state.run_id)
+    if tracker.enabled and run.state.run_id is None:
+        tracker.log_params({**run.settings.model_dump(mode="json"), "world_size": run.world_size, "quick": quick,
+                            "dataset_version": prepared.version, "device": str(run.device)})
+        tracker.log_dataset(prepared)
+    run.state.run_id = tracker.run_id
+    return tracker
+
 def _quick_rows(rows:pd.DataFrame, per_class:int, seed:int) -> pd.DataFrame:
     "At most `per_class` rows of each label, drawn with `seed`."
     return rows.sample(frac=1, random_state=seed).groupby("label").head(per_class).sort_values("path").reset_index(drop=True)
 
+# %% ../nbs/04_training.ipynb #597613f7
+@dataclass
+class Stage:
+    "One stage of training: frozen backbone or fine-tuning, with its optimizer, schedule and (under torchrun) DDP wrapper."
+    frozen: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    model: nn.Module  # what the training step calls: the model, or its DDP wrapper
+
+def start_stage(run:TrainingRun, model:CatsDogsNet, frozen:bool, n_train:int, first:bool=False) -> Stage:
+    "(Un)freeze the backbone and build the stage's optimizer and schedule; a resumed run's first stage continues its saved ones."
+    s, state = run.settings, run.state
+    for p in model.backbone.parameters(): p.requires_grad_(not frozen)
+    per_process = n_train // run.world_size
+    steps = max(1, per_process // s.batch_size) if per_process > s.batch_size else 1
+    stage_epochs = min(s.freeze_epochs, s.epochs) if frozen else s.epochs - s.freeze_epochs
+    # fine-tuning: the head at 10x the backbone's rate, so the trained head is not thrown off
+    groups = [{"params": list(model.head.parameters()), "lr": s.lr if frozen else 10 * s.backbone_lr}]
+    if not frozen: groups.append({"params": list(model.backbone.parameters()), "lr": s.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+    scheduler = warmup_cosine(optimizer, steps * stage_epochs, int(steps * s.warmup_epochs))
+    if first and state.frozen == frozen and state.optimizer is not None:  # resuming within this stage
+        optimizer.load_state_dict(state.optimizer); scheduler.load_state_dict(state.scheduler)
+    else: state.bad_epochs = 0
+    wrapped = model
+    if run.world_size > 1:  # wrap after (un)freezing: DDP syncs the parameters that need gradients
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return Stage(frozen, optimizer, scheduler, wrapped)
+
+def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:dict, root:Path, criterion:nn.Module,
+              val_loader:DataLoader, features:dict|None=None, progress:bool=True) -> dict:
+    "Train one epoch (on cached features when given) and evaluate on val; returns the epoch's record."
+    s, device = run.settings, run.device
+    seed_everything(epoch_seed(s.seed, epoch))
+    t0, desc = time.time(), f"epoch {epoch + 1} {'head' if stage.frozen else 'all'}"
+    if stage.frozen and features:
+        gen = torch.Generator().manual_seed(epoch_seed(s.seed, epoch))
+        loader = DataLoader(features["train"], s.batch_size, shuffle=True, generator=gen, drop_last=len(features["train"]) > s.batch_size)
+        train_loss = train_one_epoch(model.head, loader, criterion, stage.optimizer, stage.scheduler, device, desc, progress)
+        val = evaluate(model.head, DataLoader(features["val"], 256), device)
+        n_seen = len(features["train"])
+    else:
+        loader = make_loader(rows["train"], root, preset_of(s).train_transform(), s, device, train=True, epoch=epoch, world_size=run.world_size)
+        train_loss = train_one_epoch(stage.model, loader, criterion, stage.optimizer, stage.scheduler, device, desc, progress,
+                                     freeze_bn=stage.frozen or s.freeze_bn)
+        if run.world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
+        val = evaluate(model, val_loader, device)
+        n_seen = len(loader.dataset) // run.world_size
+    seconds = time.time() - t0
+    return {"epoch": epoch + 1, "stage": "frozen" if stage.frozen else "finetune", "train_loss": train_loss,
+            "val_loss": val["loss"], "val_calibrated_loss": val["calibrated_loss"], "val_accuracy": val["accuracy"],
+            "seconds": seconds, "images_per_s": n_seen / seconds}
+
+def end_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, record:dict, tracker:Tracker):
+    "Keep the epoch in the state; on the main process print it, log it to MLflow and save the state."
+    improved = run.state.record(record, model)
+    if not run.main: return
+    print(f"epoch {record['epoch']}/{run.settings.epochs} [{record['stage']}] train_loss {record['train_loss']:.4f} "
+          f"val_loss {record['val_loss']:.4f} (calibrated {record['val_calibrated_loss']:.4f}) "
+          f"val_acc {record['val_accuracy']:.4f} {record['seconds']:.0f}s ({record['images_per_s']:.1f} img/s)"
+          + (" *" if improved else ""), flush=True)
+    tracker.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step=record["epoch"])
+    run.state.frozen, run.state.model = stage.frozen, model.state_dict()
+    run.state.optimizer, run.state.scheduler = stage.optimizer.state_dict(), stage.scheduler.state_dict()
+    run.state.save(run.checkpoint)
+
+def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker:Tracker, progress:bool=True,
+               stop_after_epochs:int|None=None) -> str:
+    "Run the epochs from the state's to `epochs`; returns `completed`, `early_stop` or `interrupted` (by `stop_after_epochs`)."
+    s, device = run.settings, run.device
+    criterion = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
+    val_loader = make_loader(rows["val"], root, preset_of(s).eval_transform(), s, device)
+    features = None
+    if device.type == "cpu" and run.world_size == 1 and s.freeze_epochs > run.state.epoch:  # the frozen stage on cached features
+        train_loader = make_loader(rows["train"], root, preset_of(s).eval_transform(), s, device)
+        features = {"train": extract_features(model.backbone, train_loader, device, progress),
+                    "val": extract_features(model.backbone, val_loader, device, progress)}
+    stage = None
+    for epoch in range(run.state.epoch, s.epochs):
+        frozen = epoch < s.freeze_epochs
+        if stage is None or stage.frozen != frozen: stage = start_stage(run, model, frozen, len(rows["train"]), first=stage is None)
+        record = run_epoch(run, model, stage, epoch, rows, root, criterion, val_loader, features, progress)
+        end_epoch(run, model, stage, record, tracker)
+        run.barrier()
+        if run.state.bad_epochs >= s.patience and not frozen:  # the frozen stage always hands over to fine-tuning
+            if run.main: print(f"early stop: no better validation loss for {run.state.bad_epochs} epochs")
+            return "early_stop"
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < s.epochs:
+            if run.main: print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            return "interrupted"
+    return "completed"
+
+# %% ../nbs/04_training.ipynb #4c66fcef
 def _param_checksum(model:nn.Module) -> str:
     "A short digest of every parameter: equal on all DDP processes when their gradients were synchronised."
     digest = hashlib.sha256()
@@ -316,135 +454,17 @@ def _sync_buffers(model:nn.Module):
     "Give every process rank 0's BatchNorm statistics (DDP syncs them only at the start of a forward)."
     for buffer in model.buffers(): dist.broadcast(buffer, 0)
 
-# %% ../nbs/04_training.ipynb #9feec678
-def train(settings:Settings|None=None, # All hyper-parameters and paths
-          prepared:PreparedData|None=None, # A prepared manifest; None: prepare `settings.data_dir`
-          quick:bool=False, # Tiny run for smoke tests: few images, small inputs, 2 epochs
-          resume:bool=False, # Continue from `<output>/checkpoints/last.pt`
-          mlflow:bool=True, # Track the run in MLflow
-          stop_after_epochs:int|None=None, # Stop (as if interrupted) after this many epochs in total
-          progress:bool=True) -> TrainResult|None:
-    "Train, calibrate, evaluate and export a model; returns `None` if stopped early on purpose."
-    settings = settings or Settings()
-    if quick: settings = settings.model_copy(update={"epochs": min(settings.epochs, 2), "freeze_epochs": min(settings.freeze_epochs, 1)})
-    device = resolve_device(settings.device)
-    rank, world_size = init_distributed(device)
-    main = rank == 0
-    out = Path(settings.output); ckpt_path = out/"checkpoints"/"last.pt"
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    if ckpt:  # continue with the hyper-parameters the run started with; only where and how to run may change
-        here = {k: getattr(settings, k) for k in ("device", "num_workers", "output", "mlflow_tracking_uri", "data_dir")}
-        settings = Settings(**{**ckpt["settings"], **here})
-    if prepared is None:
-        prepared_dir = out/"data"
-        if main: prepare(settings, prepared_dir, progress=progress)
-        if world_size > 1: dist.barrier()
-        prepared = load_prepared(prepared_dir)
-    if ckpt and ckpt["dataset_version"] != prepared.version:
-        raise ValueError("the checkpoint was trained on another dataset version; resume with the same data")
-    rows = {s: prepared.split(s) for s in ("train", "val", "test")}
-    if quick: rows = {s: _quick_rows(r, 24 if s == "train" else 8, settings.seed) for s, r in rows.items()}
-    for s, r in rows.items():
-        if r.empty: raise ValueError(f"the {s} split is empty: more images are needed")
-    spec = get_backbone(settings.architecture)
-    seed_everything(settings.seed)
-    model = build_model(settings.architecture, pretrained=not ckpt and spec.weights.startswith("ImageNet")).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    preset = preset_of(settings)
-    tf_eval, tf_train = preset.eval_transform(), preset.train_transform()
-    val_loader = make_loader(rows["val"], prepared.root, tf_eval, settings, device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    tracker = Tracker(settings, enabled=mlflow and main, run_id=ckpt["run_id"] if ckpt else None)
-    if main and not ckpt:
-        tracker.log_params({**settings.model_dump(mode="json"), "world_size": world_size, "quick": quick,
-                            "dataset_version": prepared.version, "device": str(device)})
-        tracker.log_dataset(prepared)
-    history = ckpt["history"] if ckpt else []
-    best_loss = ckpt["best_loss"] if ckpt else float("inf")
-    best_state = ckpt["best_state"] if ckpt else None
-    bad_epochs = ckpt["bad_epochs"] if ckpt else 0
-    start = ckpt["epoch"] if ckpt else 0
-    if ckpt: model.load_state_dict(ckpt["model"])
-    cache_features = device.type == "cpu" and world_size == 1 and settings.freeze_epochs > start
-    if cache_features:
-        train_feats = extract_features(model.backbone, make_loader(rows["train"], prepared.root, tf_eval, settings, device), device, progress)
-        val_feats = extract_features(model.backbone, val_loader, device, progress)
-    ddp_model = model
-    stage, optimizer, scheduler = None, None, None
-    stopped_early = False
-    for epoch in range(start, settings.epochs):
-        frozen = epoch < settings.freeze_epochs
-        if stage != frozen:  # a new stage: fresh optimizer, schedule and patience
-            if stage is not None or not (ckpt and ckpt["frozen"] == frozen): bad_epochs = 0
-            stage = frozen
-            for p in model.backbone.parameters(): p.requires_grad_(not frozen)
-            n_train = len(rows["train"]) // world_size
-            steps = max(1, n_train // settings.batch_size) if n_train > settings.batch_size else 1
-            stage_epochs = min(settings.freeze_epochs, settings.epochs) if frozen else settings.epochs - settings.freeze_epochs
-            # fine-tuning: the head at 10x the backbone's rate, so the trained head is not thrown off
-            groups = [{"params": list(model.head.parameters()), "lr": settings.lr if frozen else 10 * settings.backbone_lr}]
-            if not frozen: groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})
-            optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-            scheduler = warmup_cosine(optimizer, steps * stage_epochs, int(steps * settings.warmup_epochs))
-            if ckpt and ckpt["frozen"] == frozen and ckpt["optimizer"] is not None:
-                optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"])
-            if world_size > 1:  # wrap after (un)freezing: DDP syncs the parameters that need gradients
-                ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        seed_everything(epoch_seed(settings.seed, epoch))
-        t0 = time.time()
-        if frozen and cache_features:
-            gen = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
-            loader = DataLoader(train_feats, settings.batch_size, shuffle=True, generator=gen, drop_last=len(train_feats) > settings.batch_size)
-            train_loss = train_one_epoch(model.head, loader, criterion, optimizer, scheduler, device, f"epoch {epoch + 1} head", progress)
-            val = evaluate(model.head, DataLoader(val_feats, 256), device)
-            n_seen = len(train_feats)
-        else:
-            loader = make_loader(rows["train"], prepared.root, tf_train, settings, device, train=True, epoch=epoch, world_size=world_size)
-            train_loss = train_one_epoch(ddp_model, loader, criterion, optimizer, scheduler, device,
-                                         f"epoch {epoch + 1} {'head' if frozen else 'all'}", progress,
-                                         freeze_bn=frozen or settings.freeze_bn)
-            if world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
-            val = evaluate(model, val_loader, device)
-            n_seen = len(loader.dataset) // world_size
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "stage": "frozen" if frozen else "finetune", "train_loss": train_loss,
-                  "val_loss": val["loss"], "val_calibrated_loss": val["calibrated_loss"], "val_accuracy": val["accuracy"],
-                  "seconds": seconds, "images_per_s": n_seen / seconds}
-        history.append(record)
-        improved = val["calibrated_loss"] < best_loss - 1e-4
-        if improved: best_loss, best_state, bad_epochs = val["calibrated_loss"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
-        else: bad_epochs += 1
-        if main:
-            print(f"epoch {epoch + 1}/{settings.epochs} [{record['stage']}] train_loss {train_loss:.4f} val_loss {val['loss']:.4f} "
-                  f"(calibrated {val['calibrated_loss']:.4f}) val_acc {val['accuracy']:.4f} {seconds:.0f}s ({record['images_per_s']:.1f} img/s){' *' if improved else ''}", flush=True)
-            tracker.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "stage")}, step=epoch + 1)
-            save_checkpoint(ckpt_path, epoch=epoch + 1, frozen=frozen, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), best_state=best_state, best_loss=best_loss, bad_epochs=bad_epochs,
-                            history=history, run_id=tracker.run_id, dataset_version=prepared.version,
-                            settings=settings.model_dump(mode="json"))
-        if world_size > 1: dist.barrier()
-        if bad_epochs >= settings.patience and not frozen:  # the frozen stage always hands over to fine-tuning
-            stopped_early = True
-            if main: print(f"early stop: no better validation loss for {bad_epochs} epochs")
-            break
-        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < settings.epochs:
-            if main: print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
-            tracker.end("KILLED")
-            return None
-    model.load_state_dict(best_state)
-    result = None
-    if world_size > 1:
-        sums = [None] * world_size
-        dist.all_gather_object(sums, _param_checksum(model))
-        if main: (out/"ddp_check.json").parent.mkdir(parents=True, exist_ok=True); (out/"ddp_check.json").write_text(
-            json.dumps({"world_size": world_size, "param_checksums": sums, "agree": len(set(sums)) == 1}))
-    if main: result = _finish(model, settings, prepared, rows, device, history, tracker, stopped_early, progress)
-    if world_size > 1: dist.barrier(); dist.destroy_process_group()
-    return result
+def _check_replicas(run:TrainingRun, model:nn.Module):
+    "Gather every process's weight checksum; the main process writes them to `<model_dir>/ddp_check.json`."
+    sums = [None] * run.world_size
+    dist.all_gather_object(sums, _param_checksum(model))
+    if run.main:
+        run.model_dir.mkdir(parents=True, exist_ok=True)
+        (run.model_dir/"ddp_check.json").write_text(json.dumps({"world_size": run.world_size, "param_checksums": sums,
+                                                               "agree": len(set(sums)) == 1}))
 
-# %% ../nbs/04_training.ipynb #b50d090c
-def _split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
-                    progress:bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
+def split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
+                   progress:bool=True) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
     "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
     tf_eval = preset_of(settings).eval_transform()
     out = {}
@@ -456,11 +476,6 @@ def _split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, 
         out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), loader.dataset.paths)
     return out
 
-def _fit_open_set(model:CatsDogsNet, features:dict, settings:Settings) -> OpenSetConfig:
-    "Fit the open-set head on the train and val features (the model on the CPU)."
-    return fit_open_set(model.open_set, features["train"][0], features["val"][0], settings.open_set_keep_rate, settings.open_set_k,
-                        settings.open_set_bank_size, settings.open_set_slope, settings.open_set_offset, settings.seed)
-
 @torch.no_grad()
 def _open_set_test_metrics(model:CatsDogsNet, open_set:OpenSetConfig, test_features:torch.Tensor, probs:np.ndarray,
                            targets:np.ndarray) -> dict:
@@ -469,51 +484,61 @@ def _open_set_test_metrics(model:CatsDogsNet, open_set:OpenSetConfig, test_featu
     correct = probs.argmax(1) == targets
     return {"open_set_kept": float(kept.mean()), "accuracy_kept": float(correct[kept].mean()) if kept.any() else float("nan")}
 
-def _finish(model:CatsDogsNet, settings:Settings, prepared:PreparedData, rows:dict, device:torch.device,
-            history:list, tracker:Tracker, stopped_early:bool, progress:bool) -> TrainResult:
-    features = _split_features(model, rows, prepared.root, settings, device, progress)
-    model = model.cpu().eval()
+def test_metrics(model:CatsDogsNet, features:dict, settings:Settings) -> tuple[float, OpenSetConfig, np.ndarray, dict]:
+    "Temperature (fitted on val), the open-set head (fitted on train and val), and the calibrated test probabilities and metrics."
     with torch.no_grad(): val_logits, test_logits = (model.head(features[s][0]) for s in ("val", "test"))
-    (_, val_targets, _), (test_features, test_targets, test_paths) = features["val"], features["test"]
+    val_targets, (test_features, test_targets, _) = features["val"][1], features["test"]
     temperature = fit_temperature(val_logits, val_targets)
     probs = torch.softmax(test_logits / temperature, 1).numpy()
     metrics = classification_metrics(probs, test_targets.numpy())
     metrics["uncalibrated_log_loss"] = nn.functional.cross_entropy(test_logits, test_targets).item()
-    open_set = _fit_open_set(model, features, settings)
+    open_set = fit_open_set(model.open_set, features["train"][0], features["val"][0], settings.open_set_keep_rate, settings.open_set_k,
+                            settings.open_set_bank_size, settings.open_set_slope, settings.open_set_offset, settings.seed)
     metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
-    out = Path(settings.output)
-    save_figures(out/"figures", history, probs, test_targets.numpy(), test_paths, settings.class_names)
-    config = config_for_backbone(settings.architecture, settings.image_size, settings.crop_fraction,
-                                 class_names=tuple(settings.class_names), temperature=temperature, open_set=open_set,
-                                 dataset_version=prepared.version, metrics=metrics)
+    return temperature, open_set, probs, metrics
+
+def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Tensor, metrics:dict, config:ModelConfig):
+    "Log the test metrics, figures, the whole artifact (what `models:/` URIs serve) and the registered model."
+    tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    tracker.log_metrics({"temperature": config.temperature, "open_set_threshold": config.open_set.threshold,
+                         "open_set_val_kept": config.open_set.val_kept})
+    if not tracker.enabled: return
+    tracker.log_artifacts(out/"figures", "figures")
+    for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"): tracker.mlflow.log_artifact(str(out/name), "artifact")
+    tracker.log_artifacts(out/"check_images", "artifact/check_images")
+    tracker.log_model(model, example)
+    (out/"mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.settings.mlflow_tracking_uri}) + "\n")
+
+def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict, tracker:Tracker, stopped_early:bool=False,
+           progress:bool=True) -> TrainResult:
+    "Calibrate, evaluate and fit the open-set head on the best weights, draw the figures, export the artifact and log it."
+    s, out = run.settings, run.model_dir
+    features = split_features(model, rows, prepared.root, s, run.device, progress)
+    model = model.cpu().eval()
+    temperature, open_set, probs, metrics = test_metrics(model, features, s)
+    test_targets, test_paths = features["test"][1].numpy(), features["test"][2]
+    save_figures(out/"figures", probs, test_targets, test_paths, s.class_names, history=run.state.history)
+    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, class_names=tuple(s.class_names), temperature=temperature,
+                                 open_set=open_set, dataset_version=prepared.version, metrics=metrics)
     preset = Preset.from_config(config)
     example = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in test_paths[:2]])
     val_paths = features["val"][2]
     export_artifact(model, out, config, example=example, check_images=val_paths[:: max(1, len(val_paths) // 32)][:32])
-    print("test: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) + f" (n={metrics['n_images']}, T={temperature:.3f})")
+    print("test: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+          + f" (n={metrics['n_images']}, T={temperature:.3f})")
     print(f"open set: threshold p_cat_or_dog {open_set.threshold:.3f} keeps {open_set.val_kept:.1%} of validation "
           f"and {metrics['open_set_kept']:.1%} of test cats and dogs")
-    tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-    tracker.log_metrics({"temperature": temperature, "open_set_threshold": open_set.threshold, "open_set_val_kept": open_set.val_kept})
-    if tracker.enabled:
-        tracker.log_artifacts(out/"figures", "figures")
-        for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"): tracker.mlflow.log_artifact(str(out/name), "artifact")
-        tracker.log_artifacts(out/"check_images", "artifact/check_images")  # the whole artifact: what `models:/` URIs serve
-        tracker.log_model(model, example)
-        (out/"mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": settings.mlflow_tracking_uri}) + "\n")
+    _log_artifact(tracker, model, out, example, metrics, config)
     tracker.end()
-    return TrainResult(out, config, tracker.run_id, history, stopped_early)
+    return TrainResult(out, config, tracker.run_id, run.state.history, stopped_early)
 
 # %% ../nbs/04_training.ipynb #4358cf6c
-_TRAIN_FLAGS = ["data_dir", "architecture", "epochs", "freeze_epochs", "batch_size", "lr", "backbone_lr", "weight_decay",
-                "label_smoothing", "image_size", "device", "seed", "output", "num_workers", "patience", "freeze_bn",
-                "mlflow_tracking_uri", "experiment_name", "open_set_keep_rate", "open_set_k", "open_set_bank_size"]
-
 def train_cli(argv:list[str]|None=None):
     "Console script `catsdogs_train` (also under `torchrun --no-python catsdogs_train ...` for DDP)."
-    parser = settings_parser("Train the cats-vs-dogs classifier and write a model artifact.", _TRAIN_FLAGS)
-    parser.add_argument("--prepared", type=Path, help="A folder written by catsdogs_prepare (default: prepare --data-dir into OUTPUT/data)")
-    parser.add_argument("--resume", action="store_true", help="Continue from OUTPUT/checkpoints/last.pt, in the same MLflow run")
+    parser = settings_parser("Train the cats-vs-dogs classifier and write a model artifact.",
+                             [DataSettings, ModelSettings, TrainingSettings], aliases={"--output": "model_dir"})
+    parser.add_argument("--prepared", type=Path, help="A folder written by catsdogs_prepare (default: prepare --data-dir into MODEL_DIR/data)")
+    parser.add_argument("--resume", action="store_true", help="Continue from MODEL_DIR/checkpoints/last.pt, in the same MLflow run")
     parser.add_argument("--quick", action="store_true", help="Tiny smoke-test run: a few images, at most 2 epochs")
     parser.add_argument("--no-mlflow", action="store_true", help="Do not track the run in MLflow")
     parser.add_argument("--stop-after-epochs", type=int, help="Stop after this many epochs, as if interrupted (then --resume)")
@@ -522,4 +547,4 @@ def train_cli(argv:list[str]|None=None):
     prepared = load_prepared(args.prepared) if args.prepared else None
     result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
                    stop_after_epochs=args.stop_after_epochs)
-    if result: print(f"model artifact: {result.output}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
+    if result: print(f"model artifact: {result.model_dir}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))

@@ -2,9 +2,9 @@
 #| default_exp metrics
 
 # %% [markdown]
-# # Metrics
+# # Metrics and figures
 #
-# > How good a model is: accuracy, calibration and the "neither" answer, from probabilities and labels alone.
+# > How good a model is: accuracy, calibration and the "neither" answer, from probabilities and labels alone, and the figures that show them.
 
 # %% [markdown]
 # Training reports these on the test split, `catsdogs_eval` on any folder as the model is
@@ -14,17 +14,28 @@
 # - **Classification**: accuracy, precision, recall and F1 of `dog`, ROC AUC, log loss, the
 #   confusion matrix, and the expected calibration error (ECE): the confidence-weighted gap
 #   between confidence and accuracy over 15 equal-width bins of `reliability`, which the
-#   training notebook's reliability diagram draws.
+#   reliability diagram of `save_figures` draws.
+#
+# The figures (`save_figures`, `open_set_figures`) take the same arrays and the photos' paths;
+# training draws them for its test split, `catsdogs_eval --figures DIR` for any folder (see the
+# evaluation notebook).
 
 # %%
 #| export
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from catsdogs.presets import load_image
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close
+import tempfile
+from IPython.display import Image as Figure, display  # here: nbdev runs every cell that imports when it renders the docs
+from catsdogs.presets import demo_data_dir
 
 
 # %%
@@ -105,3 +116,162 @@ rng = np.random.default_rng(0)
 m = open_set_metrics(rng.uniform(0.6, 1, 100), rng.uniform(0, 0.7, 100), threshold=0.62)  # 5% of pets and 15% of outliers overlap
 assert 0.9 < m["ood_roc_auc"] < 1 and m["ood_refused"] > 0.8 and m["pets_kept"] > 0.9
 m
+
+
+# %% [markdown]
+# ## Figures
+#
+# `save_figures` writes the confusion matrix, the ROC curve, the reliability diagram (the bins of
+# the ECE), the gallery of the worst mistakes and, given a training history, the training
+# curves, as PNGs. Matplotlib and scikit-learn are imported when a figure is drawn, so the
+# serving process never loads them.
+
+# %%
+#| export
+def _plt():
+    "pyplot on the Agg backend (files, no display)."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+def _save(fig, path:Path, **kwargs) -> Path:
+    fig.tight_layout(); fig.savefig(path, **kwargs); _plt().close(fig)
+    return path
+
+def training_curves(history:list[dict]):
+    "Loss (train and validation) and validation accuracy per epoch, from a training history."
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    epochs = [r["epoch"] for r in history]
+    for col in ("train_loss", "val_loss"):
+        if all(col in r for r in history): axes[0].plot(epochs, [r[col] for r in history], marker="o", label=col)
+    axes[0].set(xlabel="epoch", title="loss"); axes[0].legend()
+    if all("val_accuracy" in r for r in history): axes[1].plot(epochs, [r["val_accuracy"] for r in history], marker="o")
+    axes[1].set(xlabel="epoch", title="validation accuracy")
+    return fig
+
+def reliability_diagram(probs:np.ndarray, targets:np.ndarray):
+    "Accuracy per confidence bin (the bins of the ECE) against the diagonal of perfect calibration."
+    fig, ax = _plt().subplots(figsize=(3.6, 3.2))
+    _, accuracy, share = reliability(probs, targets)
+    starts = np.arange(len(share)) / len(share)
+    ax.bar(starts[share > 0], accuracy[share > 0], width=1 / len(share), align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0.5, 1], [0.5, 1], "k--", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", title=f"reliability (ECE {expected_calibration_error(probs, targets):.3f})",
+           xlim=(0.45, 1.0), ylim=(0, 1.02)); ax.legend()
+    return fig
+
+def worst_mistakes(probs:np.ndarray, targets:np.ndarray, paths:list[Path], class_names:tuple=("cat", "dog"), n_worst:int=12):
+    "The photos given the lowest probability of their true class, with that probability."
+    true_prob = probs[np.arange(len(targets)), targets]
+    worst = np.argsort(true_prob)[:n_worst]
+    fig, axes = _plt().subplots(2, (len(worst) + 1) // 2 or 1, figsize=(12, 4.6), squeeze=False)
+    for ax in axes.flat: ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        ax.imshow(load_image(paths[i], draft_size=256))
+        ax.set_title(f"{Path(paths[i]).name}\ntrue {class_names[targets[i]]}, P={true_prob[i]:.2f}", fontsize=8)
+    return fig
+
+def save_figures(out:Path, # Folder for the PNGs
+                 probs:np.ndarray, targets:np.ndarray, paths:list[Path], class_names:tuple=("cat", "dog"),
+                 history:list[dict]|None=None, # Per-epoch records of a training run: adds the training curves
+                 n_worst:int=12) -> list[Path]:
+    "Write the evaluation figures to `out`; returns their paths."
+    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+    plt, out = _plt(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if history: written.append(_save(training_curves(history), out/"training_curves.png", dpi=90))
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ConfusionMatrixDisplay.from_predictions(targets, probs.argmax(1), labels=[0, 1], display_labels=class_names, ax=ax, colorbar=False)
+    written.append(_save(fig, out/"confusion_matrix.png", dpi=90))
+    if len(set(targets)) == 2:
+        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        RocCurveDisplay.from_predictions(targets, probs[:, 1], ax=ax, name=class_names[1])
+        written.append(_save(fig, out/"roc.png", dpi=90))
+    written.append(_save(reliability_diagram(probs, targets), out/"reliability.png", dpi=90))
+    written.append(_save(worst_mistakes(probs, targets, paths, class_names, n_worst), out/"worst_mistakes.png", dpi=90))
+    return written
+
+
+# %% [markdown]
+# The figures of a made-up test split of twelve sample photos with two epochs of history (the
+# evaluation notebook draws them for a real model):
+
+# %%
+rng = np.random.default_rng(0)
+demo_targets = np.array([0, 1] * 6)
+demo_p_dog = np.clip(np.where(demo_targets == 1, 0.75, 0.25) + rng.normal(0, 0.2, 12), 0.01, 0.99)
+demo_probs = np.c_[1 - demo_p_dog, demo_p_dog]
+demo_paths = sorted((demo_data_dir()/"Cat").glob("cat.*.jpg"))[:6] + sorted((demo_data_dir()/"Dog").glob("dog.*.jpg"))[:6]
+demo_history = [{"epoch": 1, "train_loss": 0.6, "val_loss": 0.5, "val_accuracy": 0.8},
+                {"epoch": 2, "train_loss": 0.4, "val_loss": 0.45, "val_accuracy": 0.85}]
+with tempfile.TemporaryDirectory() as tmp:
+    written = save_figures(Path(tmp), demo_probs, demo_targets, demo_paths, history=demo_history)
+    display(Figure(filename=Path(tmp)/"reliability.png"))
+test_eq([p.name for p in written], ["training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png", "worst_mistakes.png"])
+[p.name for p in written]
+
+# %% [markdown]
+# Each figure is also a function that returns the Matplotlib figure, to show in a notebook:
+
+# %%
+fig = worst_mistakes(demo_probs, demo_targets, demo_paths, n_worst=4)
+fig.savefig(Path(tempfile.mkdtemp())/"worst.png"); len(fig.axes)
+
+# %%
+fig = training_curves(demo_history); [ax.get_title() for ax in fig.axes]
+
+# %%
+fig = reliability_diagram(demo_probs, demo_targets); fig.axes[0].get_title()
+
+
+# %% [markdown]
+# `open_set_figures` shows how the open-set score separates cats and dogs from photos of
+# neither: the two distributions of `p_cat_or_dog` on a log-odds axis with the threshold, and a
+# gallery of the hardest cases on each side (the outliers that score highest, the cats and dogs
+# that score lowest). The training notebook draws them for its model, `catsdogs_eval --figures`
+# with `--ood-dir`, and `bench_open_set.py` beside the artifact.
+
+# %%
+#| export
+def _log_odds(p:np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
+    return np.log(p) - np.log1p(-p)
+
+def open_set_figures(out:Path, # Folder for the PNGs
+                     p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dogs
+                     p_outliers:np.ndarray, # p_cat_or_dog of photos of neither
+                     threshold:float, pet_paths:list[Path], outlier_paths:list[Path], n_gallery:int=6) -> list[Path]:
+    "Write the score histograms (PNG) and the gallery of the hardest outliers and pets (JPEG) to `out`; returns their paths."
+    plt, out = _plt(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    pets, outliers = _log_odds(p_pets), _log_odds(p_outliers)
+    bins = np.linspace(min(pets.min(), outliers.min()), max(pets.max(), outliers.max()), 60)
+    ax.hist(pets, bins, alpha=0.6, density=True, label=f"cats and dogs ({len(pets)})")
+    ax.hist(outliers, bins, alpha=0.6, density=True, label=f"neither ({len(outliers)})")
+    ax.axvline(_log_odds(threshold), color="k", linestyle="--", label=f"threshold (p = {threshold:.2f})")
+    ax.set(xlabel="log-odds of p_cat_or_dog", ylabel="density", title="open-set score"); ax.legend(fontsize=8)
+    scores = _save(fig, out/"open_set_scores.png", dpi=72)
+    hardest = [(outlier_paths[i], p_outliers[i]) for i in np.argsort(-np.asarray(p_outliers))[:n_gallery]]
+    hardest += [(pet_paths[i], p_pets[i]) for i in np.argsort(p_pets)[:n_gallery]]
+    fig, axes = plt.subplots(2, n_gallery, figsize=(1.7 * n_gallery, 4), squeeze=False)
+    for ax in axes.flat: ax.axis("off")
+    for ax, (path, p) in zip(axes.flat, hardest):
+        ax.imshow(load_image(path, draft_size=128).resize((128, 128)))
+        ax.set_title(f"{Path(path).parent.name}\np={p:.2f} {'passes' if p >= threshold else 'refused'}", fontsize=7)
+    axes[0, 0].text(-0.1, 0.5, "neither,\nhighest", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=8)
+    axes[1, 0].text(-0.1, 0.5, "cats, dogs,\nlowest", transform=axes[1, 0].transAxes, ha="right", va="center", fontsize=8)
+    gallery = _save(fig, out/"open_set_gallery.jpg", dpi=72, pil_kwargs={"quality": 80})
+    return [scores, gallery]
+
+
+# %% [markdown]
+# Made-up scores for the twelve sample photos as cats and dogs and as outliers:
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    written = open_set_figures(Path(tmp), np.linspace(0.5, 0.99, 12), np.linspace(0.01, 0.6, 12), 0.55, demo_paths, demo_paths[::-1])
+    display(Figure(filename=written[0]))
+[p.name for p in written]

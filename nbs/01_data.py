@@ -43,7 +43,7 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from catsdogs.config import Settings, parse_settings, settings_parser
+from catsdogs.config import DataSettings, Settings, parse_settings, settings_parser
 from catsdogs.presets import (ImageError, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
                               make_demo_folder, to_rgb)
 
@@ -439,20 +439,17 @@ def prepare(settings:Settings|None=None, out:Path|None=None, progress:bool=True)
     if manifest.empty: raise ValueError(f"no usable images under {root}")
     return write_prepared(out or settings.prepared_dir, manifest, skipped, root)
 
-_PREPARE_FLAGS = ["data_dir", "dataset_url", "dataset_sha256", "cache_dir", "val_fraction", "test_fraction",
-                  "seed", "near_duplicate_distance", "num_workers", "max_image_pixels"]
-
 def prepare_cli(argv:list[str]|None=None):
     "Console script `catsdogs_prepare`: write manifest.csv, skipped.csv and dataset.json."
-    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.", _PREPARE_FLAGS)
-    parser.add_argument("--out", type=Path, default=None, help="Output folder (default: settings.prepared_dir)")
-    settings, args = parse_settings(parser, argv)
-    try: prepared = prepare(settings, args.out or settings.prepared_dir)
+    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.",
+                             [DataSettings], aliases={"--out": "prepared_dir"})
+    settings, _ = parse_settings(parser, argv)
+    out = settings.prepared_dir
+    try: prepared = prepare(settings, out)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # no network, refused, or an HTTP error status
         reason = getattr(e, "reason", None) or e
         parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "
                        "pass --data-dir DIR: a folder of photos with one subfolder per class (Cat/, Dog/)\n")
-    out = args.out or settings.prepared_dir
     skipped = pd.read_csv(Path(out)/"skipped.csv")
     print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")
     print(pd.crosstab(prepared.manifest.label, prepared.manifest.split, margins=True).to_string())

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Inference
 #
-# > A `Predictor` that loads a model artifact with the fastest engine that agrees with the reference on real photos, answers "cat", "dog" or "neither", and `catsdogs_predict` and `catsdogs_eval` on top of it; no PyTorch needed.
+# > A `Predictor` that loads a model artifact with the fastest engine that agrees with the reference on real photos, answers "cat", "dog" or "neither", and `catsdogs_predict` on top of it; no PyTorch needed.
 
 # %% [markdown]
 # The predictor is what the CLI, the HTTP service and the benchmarks share. It
@@ -48,9 +48,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from catsdogs.config import Settings, parse_settings, settings_parser
-from catsdogs.metrics import classification_metrics, open_set_metrics
-from catsdogs.presets import ImageError, ModelConfig, OpenSetConfig, Preset, list_images
+from catsdogs.config import MODEL_SOURCE, InferenceSettings, Settings, parse_settings, settings_parser
+from catsdogs.presets import ImageError, ModelConfig, OpenSetConfig, Preset
 
 # %%
 #| hide
@@ -358,6 +357,7 @@ def choose_backend(runners:dict[str, Callable], # "backend/precision" -> runner
 # %%
 batch, real = check_batch(artifact, preset)
 test_eq((batch.shape, real), ((8, 3, 96, 96), True))
+test_eq([im.size for im in calibration_images(2)], [(300, 160), (270, 200)])  # the stand-ins for an artifact without check photos
 runners = {f"{b}/f32": make_runner(b, artifact) for b in BACKENDS}
 best, timings = choose_backend(runners, batch, "eager/f32", open_set=config.open_set)
 test_eq(best in runners, True)
@@ -634,6 +634,7 @@ test_close(tta.probabilities(x), (plain.probabilities(x) + plain.probabilities(n
 symmetric = np.ones((1, 3, 96, 96), dtype=np.float32)
 test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-6)
 
+
 # %% [markdown]
 # ## `catsdogs_predict`
 #
@@ -643,8 +644,6 @@ test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-
 
 # %%
 #| export
-_PREDICT_FLAGS = ["model_dir", "backend", "precision", "tta", "threads", "max_image_pixels", "open_set", "open_set_threshold",
-                  "mlflow_tracking_uri"]
 
 def _predict_line(path:str, result:Prediction|ImageError, as_json:bool) -> str:
     "The output line for one input: its prediction, or its error."
@@ -679,12 +678,11 @@ def predict_files(predictor:Predictor, paths:Sequence[str|Path], batch_size:int=
 
 def predict_cli(argv:list[str]|None=None) -> int:
     "Console script `catsdogs_predict IMG... [--model DIR] [--json] [--backend B] [--tta] [--no-open-set]`."
-    parser = settings_parser("Predict cat, dog or neither for image files.", _PREDICT_FLAGS)
+    parser = settings_parser("Predict cat, dog or neither for image files.", [InferenceSettings, *MODEL_SOURCE, "max_image_pixels"],
+                             aliases={"--model": "model_dir"})
     parser.add_argument("images", nargs="+", help="Image files")
-    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir (a folder or a models:/ URI)")
     parser.add_argument("--json", action="store_true", help="One JSON object per line")
     settings, args = parse_settings(parser, argv)
-    if args.model is not None: settings.model_dir = args.model
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try: predictor = Predictor.from_settings(settings)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_predict: cannot load the model: {e}\n")
@@ -708,96 +706,6 @@ test_eq(predict_cli([str(dog_jpg), "--model", str(artifact), "--no-open-set"]), 
 results = predict_files(predictor, [cat_jpg, notes, dog_jpg], batch_size=2)
 test_eq([type(r).__name__ for r in results], ["Prediction", "ImageError", "Prediction"])
 results[1]
-
-
-# %% [markdown]
-# ## `catsdogs_eval`
-#
-# Evaluation goes through the same `Predictor` as serving, so it measures the backend, the
-# preprocessing and the threshold that are served. `evaluate_folder` predicts every labelled
-# photo under a folder (in batches, with a progress bar) and returns the test metrics of the
-# training stage; with `ood_dir`, a folder of photos that show neither (any layout), it adds the
-# open-set metrics: ROC AUC, FPR at 95% and 99% TPR, the share of those photos refused and the
-# share of cats and dogs kept at the threshold. Unreadable files are counted, never fatal.
-
-# %%
-#| export
-def _open_set_probabilities(results:list) -> np.ndarray:
-    "p_cat_or_dog of the results that are predictions."
-    return np.array([r.p_cat_or_dog for r in results if isinstance(r, Prediction)], dtype=np.float64)
-
-def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
-                    data_dir:Path, # One subfolder per class (or Kaggle-style names)
-                    ood_dir:Path|None=None, # Photos of neither cats nor dogs, any layout
-                    batch_size:int=16, progress:bool=True) -> dict:
-    "Metrics of `predictor` on the labelled images under `data_dir` and, with `ood_dir`, open-set metrics."
-    if ood_dir is not None and predictor.open_set is None:
-        raise ValueError("--ood-dir needs the open set: the model has no open-set head, or it is turned off")
-    names = tuple(predictor.config.class_names)
-    files = [(path, label) for path, label in list_images(data_dir, names) if label is not None]
-    results = predict_files(predictor, [Path(data_dir)/p for p, _ in files], batch_size, progress, "cats and dogs")
-    answered = [(r, names.index(label)) for r, (_, label) in zip(results, files) if isinstance(r, Prediction)]
-    if not answered: raise ValueError(f"no readable labelled images under {data_dir}")
-    probs = np.array([[r.probabilities[c] for c in names] for r, _ in answered])
-    targets = np.array([t for _, t in answered])
-    metrics = {**classification_metrics(probs, targets), "n_skipped": len(results) - len(answered)}
-    if predictor.open_set is None: return metrics
-    p_pets = _open_set_probabilities(results)
-    kept = p_pets >= predictor.threshold
-    metrics.update(open_set_threshold=float(predictor.threshold), open_set_kept=float(kept.mean()),
-                   accuracy_kept=float((probs.argmax(1) == targets)[kept].mean()) if kept.any() else float("nan"))
-    if ood_dir is not None:
-        outliers = [Path(ood_dir)/p for p, _ in list_images(ood_dir, names)]
-        p_outliers = _open_set_probabilities(predict_files(predictor, outliers, batch_size, progress, "neither"))
-        if not len(p_outliers): raise ValueError(f"no readable images under {ood_dir}")
-        metrics.update(open_set_metrics(p_pets, p_outliers, predictor.threshold))
-        metrics["n_outliers_skipped"] = len(outliers) - len(p_outliers)
-    return metrics
-
-
-# %%
-neither = Path(tmp.name)/"neither"; neither.mkdir()
-for i, im in enumerate(calibration_images(6)): im.save(neither/f"pattern{i}.jpg")
-metrics = evaluate_folder(predictor, data_dir, neither, progress=False)
-assert metrics["n_images"] > 20 and metrics["n_skipped"] >= 1 and metrics["n_outliers"] == 6
-{k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "n_skipped", "open_set_kept", "ood_roc_auc", "ood_refused")}
-
-# %% [markdown]
-# `catsdogs_eval` prints the metrics, and with `--json` ends with one line of JSON holding them all.
-
-# %%
-#| export
-_EVAL_FLAGS = ["model_dir", "data_dir", "ood_dir", "backend", "precision", "tta", "threads", "max_image_pixels", "open_set",
-               "open_set_threshold", "mlflow_tracking_uri"]
-
-def eval_cli(argv:list[str]|None=None):
-    "Console script `catsdogs_eval`: metrics of a model artifact, as served, on a labelled folder (and outliers)."
-    parser = settings_parser("Evaluate a model artifact on a folder with one subfolder per class and, with --ood-dir, "
-                             "on photos that show neither.", _EVAL_FLAGS)
-    parser.add_argument("--model", dest="model", type=Path, default=None, help="Same as --model-dir (a folder or a models:/ URI)")
-    parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass")
-    parser.add_argument("--json", action="store_true", help="End with one line of JSON holding every metric")
-    settings, args = parse_settings(parser, argv)
-    if args.model is not None: settings.model_dir = args.model
-    if settings.data_dir is None: parser.error("--data-dir is required: a folder of labelled cat and dog photos")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try: predictor = Predictor.from_settings(settings)
-    except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_eval: cannot load the model: {e}\n")
-    try: metrics = evaluate_folder(predictor, settings.data_dir, settings.ood_dir, args.batch_size, progress=True)  # bar on stderr
-    except (OSError, ValueError) as e: parser.exit(2, f"catsdogs_eval: {e}\n")
-    print(f"{metrics['n_images']} images evaluated with {predictor!r}, {metrics['n_skipped']} unreadable skipped")
-    for k, v in metrics.items():
-        if isinstance(v, float): print(f"{k:>18}: {v:.4f}")
-    print(f"confusion matrix (rows true cat/dog): {metrics['confusion_matrix']}")
-    if args.json: print(json.dumps(metrics))
-
-
-# %%
-few = Path(tmp.name)/"few"
-for p in photos: (few/p.parent.name).mkdir(parents=True, exist_ok=True); (few/p.parent.name/p.name).symlink_to(p)
-with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(io.StringIO()):
-    eval_cli(["--model", str(artifact), "--data-dir", str(few), "--backend", "onnx"])
-print(stdout.getvalue())
 
 # %% [markdown]
 # ## Serving a version from the registry

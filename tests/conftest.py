@@ -39,8 +39,8 @@ def open_set_model(sample_dir, tmp_path_factory) -> Path:
     features: about two minutes), its open-set head fitted as `catsdogs_train` fits it."""
     from catsdogs.training import train
     out = tmp_path_factory.mktemp("open-set") / "model"
-    settings = Settings(data_dir=sample_dir, output=out, image_size=224, epochs=2, freeze_epochs=2, batch_size=32, num_workers=1)
-    return train(settings, mlflow=False, progress=False).output
+    settings = Settings(data_dir=sample_dir, model_dir=out, image_size=224, epochs=2, freeze_epochs=2, batch_size=32, num_workers=1)
+    return train(settings, mlflow=False, progress=False).model_dir
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +49,8 @@ def floor_model(sample_dir, tmp_path_factory) -> Path:
     features: about a minute), for the accuracy floor of the default test run."""
     from catsdogs.training import train
     out = tmp_path_factory.mktemp("floor") / "model"
-    settings = Settings(data_dir=sample_dir, output=out, image_size=128, epochs=3, freeze_epochs=3, batch_size=32, num_workers=1)
-    return train(settings, mlflow=False, progress=False).output
+    settings = Settings(data_dir=sample_dir, model_dir=out, image_size=128, epochs=3, freeze_epochs=3, batch_size=32, num_workers=1)
+    return train(settings, mlflow=False, progress=False).model_dir
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from catsdogs.model import build_model, config_for_backbone, export_artifact
 
@@ -146,3 +147,14 @@ def odd_images(photo: Path) -> dict[str, bytes]:
 def bomb_png() -> bytes:
     "A tiny PNG that decodes to 60 million pixels."
     return encode(Image.new("1", (10000, 6000)), "PNG")
+
+
+def metric_samples(text: str) -> dict:
+    "Every sample of a Prometheus text page, keyed by (name, sorted labels)."
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    "One sample's value (0 when the page does not have it yet)."
+    return metric_samples(text).get((name, tuple(sorted(labels.items()))), 0.0)

@@ -1,7 +1,8 @@
 """An accuracy floor in the default test run: a real model (EfficientNet-Lite0, frozen-stage training on the sample at
 128 px) on photos it never saw, measured as served (`evaluate_folder` through the `Predictor`, ONNX Runtime)."""
 from catsdogs.data import load_prepared
-from catsdogs.inference import Predictor, evaluate_folder
+from catsdogs.evaluation import evaluate_folder
+from catsdogs.inference import Predictor
 
 
 def test_accuracy_floor_on_photos_the_model_never_saw(floor_model, tmp_path):

@@ -14,12 +14,11 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from catsdogs.config import Settings
 from catsdogs.inference import Predictor
 from catsdogs.serving import BatcherClosed, MicroBatcher, create_app, fetch_url
-from helpers_serving import demo_artifact, file_server, run_server, sample_images, serve_process
+from helpers_serving import demo_artifact, file_server, metric_value, run_server, sample_images, serve_process
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +30,6 @@ def effnet():
 @pytest.fixture(scope="module")
 def jpegs(sample_dir):
     return [p.read_bytes() for p in sample_images(sample_dir, "cat", 8) + sample_images(sample_dir, "dog", 8)]
-
-
-def samples(text: str) -> dict:
-    "Every sample of a Prometheus text page, keyed by (name, sorted labels)."
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def count(text: str, name: str, **labels) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def post_raw(base: str, body: bytes, ctype="image/jpeg") -> bytes:
@@ -84,8 +73,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_health_stays_fast(effnet,
     refused = [r for r in answers if r.status_code == 503]
     assert refused and codes.count(200) >= 4, codes  # some refused at once, the queue's worth answered
     assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["detail"] for r in refused)
-    assert count(metrics, "catsdogs_refused_total", reason="overloaded") == len(refused)
-    assert count(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="503") == len(refused)
+    assert metric_value(metrics, "catsdogs_refused_total", reason="overloaded") == len(refused)
+    assert metric_value(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="503") == len(refused)
     assert health_ms and max(health_ms) < 100, sorted(health_ms)[-5:]
     assert "ERROR" not in serve_process.last_log and "Traceback" not in serve_process.last_log, serve_process.last_log[-2000:]
 
@@ -99,9 +88,9 @@ def test_a_request_past_its_deadline_gets_503_and_is_not_run(effnet, jpegs):
         metrics = c.get("/metrics").text
     late = [r for r in answers if r.status_code == 503]
     assert late and all("no answer within 0.05 s" in r.json()["detail"] and r.headers["retry-after"] for r in late)
-    assert count(metrics, "catsdogs_refused_total", reason="deadline") == len(late)
+    assert metric_value(metrics, "catsdogs_refused_total", reason="deadline") == len(late)
     # images that timed out in the queue were skipped: fewer images ran than were sent
-    assert count(metrics, "catsdogs_inference_batch_size_sum") < len(jpegs)
+    assert metric_value(metrics, "catsdogs_inference_batch_size_sum") < len(jpegs)
 
 
 # --- slow and vanishing clients ---------------------------------------------------------------------
@@ -128,7 +117,7 @@ def test_slow_uploads_are_closed_at_the_body_deadline_while_real_requests_are_se
     assert served == [200] * 4
     assert all(a.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in a for a in answers), answers[0][:200]
     assert elapsed < 10
-    assert count(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="408") == 200
+    assert metric_value(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="408") == 200
     no_errors_logged(caplog)
 
 
@@ -139,8 +128,8 @@ def test_a_client_that_disconnects_mid_upload_is_a_499_not_an_error(effnet, capl
             s = connect(base); s.sendall(post_raw(base, b"\0" * 100_000) + b"\xff\xd8" + b"\0" * 1000); time.sleep(0.2); s.close()
         time.sleep(0.5)
         metrics = httpx.get(f"{base}/metrics").text
-    assert count(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="499") == 3
-    assert count(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="500") == 0
+    assert metric_value(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="499") == 3
+    assert metric_value(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="500") == 0
     assert "client went away during POST /predict" in caplog.text
     no_errors_logged(caplog)
 
@@ -159,8 +148,8 @@ def test_a_client_that_goes_away_while_queued_is_skipped(effnet, jpegs, caplog):
         time.sleep(0.3)
         metrics = c.get("/metrics").text
     assert codes == [200] * 24
-    assert count(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="499") == 1
-    assert count(metrics, "catsdogs_inference_batch_size_sum") == 24  # the 25th image was skipped
+    assert metric_value(metrics, "catsdogs_http_requests_total", route="/predict", method="POST", status="499") == 1
+    assert metric_value(metrics, "catsdogs_inference_batch_size_sum") == 24  # the 25th image was skipped
     no_errors_logged(caplog)
 
 
@@ -223,11 +212,11 @@ def test_metrics_count_exactly_what_happened(effnet, jpegs):
         bad = c.post("/predict", content=b"hello", headers={"content-type": "image/jpeg"})
         after = c.get("/metrics").text
     route = dict(route="/predict", method="POST")
-    assert count(after, "catsdogs_http_requests_total", **route, status="200") - count(before, "catsdogs_http_requests_total", **route, status="200") == 1
-    assert count(after, "catsdogs_http_requests_total", **route, status="415") - count(before, "catsdogs_http_requests_total", **route, status="415") == 1
+    assert metric_value(after, "catsdogs_http_requests_total", **route, status="200") - metric_value(before, "catsdogs_http_requests_total", **route, status="200") == 1
+    assert metric_value(after, "catsdogs_http_requests_total", **route, status="415") - metric_value(before, "catsdogs_http_requests_total", **route, status="415") == 1
     label = answer["label"]
-    assert count(after, "catsdogs_predictions_total", label=label) - count(before, "catsdogs_predictions_total", label=label) == 1
-    assert count(after, "catsdogs_inference_batch_size_sum") - count(before, "catsdogs_inference_batch_size_sum") == 1
+    assert metric_value(after, "catsdogs_predictions_total", label=label) - metric_value(before, "catsdogs_predictions_total", label=label) == 1
+    assert metric_value(after, "catsdogs_inference_batch_size_sum") - metric_value(before, "catsdogs_inference_batch_size_sum") == 1
     assert bad.status_code == 415
 
 

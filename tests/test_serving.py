@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from catsdogs.config import Settings
 from catsdogs.inference import Predictor
 from catsdogs.serving import create_app, refusal_reason
-from helpers_serving import bomb_png, demo_artifact, file_server, odd_images, run_server, sample_images, serve_process
+from helpers_serving import bomb_png, demo_artifact, file_server, metric_samples, metric_value, odd_images, run_server, sample_images, serve_process
 
 LIMIT = 2_000_000  # upload limit of the test apps, small so oversize tests stay quick
 
@@ -202,32 +202,30 @@ def test_batch(http, photos, predictor):
 def test_concurrent_requests_share_forward_passes(server, sample_dir):
     images = [p.read_bytes() for p in sample_images(sample_dir, "cat", 12) + sample_images(sample_dir, "dog", 12)]
     with httpx.Client(base_url=server, timeout=60, limits=httpx.Limits(max_connections=24)) as c:
-        before = _metric(c.get("/metrics").text, "catsdogs_inference_batch_size")
+        before = [metric_value(c.get("/metrics").text, f"catsdogs_inference_batch_size_{s}") for s in ("sum", "count")]
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             codes = list(pool.map(lambda d: upload(c, "x.jpg", d).status_code, images))
-        after = _metric(c.get("/metrics").text, "catsdogs_inference_batch_size")
+        after = [metric_value(c.get("/metrics").text, f"catsdogs_inference_batch_size_{s}") for s in ("sum", "count")]
     assert codes == [200] * len(images)
     images_run, passes = after[0] - before[0], after[1] - before[1]
     assert images_run == len(images) and passes < len(images), (images_run, passes)
 
 
-def _metric(text, name):
-    "The `_sum` and `_count` of a histogram in Prometheus text format."
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(name)}
-    return values[f"{name}_sum"], values[f"{name}_count"]
-
-
 def test_metrics(http, photos):
+    before = http.get("/metrics").text
     upload(http, "cat.jpg", photos["cat"].read_bytes())
     upload(http, "notes.txt", b"hello")
     text = http.get("/metrics").text
-    assert 'catsdogs_http_requests_total{method="POST",route="/predict",status="200"}' in text
-    assert 'catsdogs_http_requests_total{method="POST",route="/predict",status="415"}' in text
-    assert 'catsdogs_http_request_duration_seconds_bucket{le="0.1",method="POST",route="/predict",status="200"}' in text
-    assert "catsdogs_predictions_total{label=" in text
-    assert "catsdogs_inference_batch_size_bucket" in text
-    assert 'catsdogs_model_info{architecture="small_cnn",backend="onnx"' in text
-    assert "catsdogs_model_ready 1.0" in text
+    route = {"method": "POST", "route": "/predict"}
+    for status in ("200", "415"):
+        assert metric_value(text, "catsdogs_http_requests_total", **route, status=status) \
+            - metric_value(before, "catsdogs_http_requests_total", **route, status=status) == 1
+    assert metric_value(text, "catsdogs_http_request_duration_seconds_bucket", le="+Inf", **route, status="200") >= 1
+    assert sum(metric_value(text, "catsdogs_predictions_total", label=label) for label in ("cat", "dog", "neither")) >= 1
+    assert metric_value(text, "catsdogs_inference_batch_size_count") >= 1
+    info = [labels for (name, labels) in metric_samples(text) if name == "catsdogs_model_info"]
+    assert ("architecture", "small_cnn") in info[0] and ("backend", "onnx") in info[0], info
+    assert metric_value(text, "catsdogs_model_ready") == 1
 
 
 # --- URLs ------------------------------------------------------------------------------------------

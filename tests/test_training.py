@@ -24,7 +24,7 @@ def trained(small_sample_dir, tmp_path_factory):
     "A --quick model trained by the console script, tracked in a fresh SQLite MLflow store."
     tmp = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    result = run("catsdogs_train", "--data-dir", str(small_sample_dir), "--output", str(tmp / "model"), "--quick",
+    result = run("catsdogs_train", "--data-dir", str(small_sample_dir), "--model-dir", str(tmp / "model"), "--quick",
                  "--mlflow-tracking-uri", uri, "--num-workers", "1", env={"MLFLOW_TRACKING_URI": ""})
     return tmp / "model", uri, result.stdout
 
