@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from catsdogs.config import Settings
+from catsdogs.http_input import refusal_reason
 from catsdogs.inference import Predictor
-from catsdogs.serving import create_app, refusal_reason
+from catsdogs.serving import create_app
 from helpers_serving import bomb_png, demo_artifact, file_server, odd_images, run_server, sample_images, serve_process
 
 LIMIT = 2_000_000  # upload limit of the test apps, small so oversize tests stay quick
