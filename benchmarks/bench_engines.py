@@ -8,7 +8,7 @@ has bf16 units), prints images/s of the forward pass alone at each batch size (m
 repeats on preprocessed sample photos), then the in-process ceiling the service is held to:
 decode a batch of JPEGs on `threads` threads, then one forward pass, over --images photos. Last,
 each engine's largest probability difference from ONNX Runtime f32 and whether every answer
-agrees. These figures chose the serving defaults (`max_batch_size`, `threads`); see the serving
+agrees. These figures chose the serving defaults (`max_batch_size`, `threads`); see the batching
 notebook. Run it on a quiet machine: other work moves every figure."""
 import argparse
 import os

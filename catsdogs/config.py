@@ -18,8 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
 __all__ = ['PETIMAGES_URL', 'SECTIONS', 'MODEL_SOURCE', 'DataSettings', 'ModelSettings', 'TrainingSettings', 'InferenceSettings',
-           'EvaluationSettings', 'ServingSettings', 'Settings', 'section_of', 'get_settings', 'settings_parser',
-           'parse_settings']
+           'EvaluationSettings', 'ServingSettings', 'Settings', 'section_of', 'get_settings', 'field_names',
+           'settings_parser', 'parse_settings']
 
 # %% ../nbs/00_config.ipynb #e788e181
 PETIMAGES_URL = ("https://download.microsoft.com/download/3/E/1/"
@@ -99,7 +99,7 @@ class ServingSettings(_Section):
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     max_upload_bytes: int = Field(10_000_000, gt=0, description="Largest accepted upload or URL download, in bytes")
     max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request (see max_batch_size for the model's batches)")
-    max_batch_size: int = Field(8, ge=1, description="Most images in one micro-batched forward pass (see the serving notebook for why 8)")
+    max_batch_size: int = Field(8, ge=1, description="Most images in one micro-batched forward pass (see the batching notebook for why 8)")
     batch_wait_ms: float = Field(10.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
     allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
@@ -138,7 +138,7 @@ def _flag_type(annotation):
 
 MODEL_SOURCE = ("model_dir", "mlflow_tracking_uri", "cache_dir")  # where a model artifact comes from: a folder or a registry URI
 
-def _field_names(fields:list[str|type[BaseSettings]]) -> list[str]:
+def field_names(fields:list[str|type[BaseSettings]]) -> list[str]:
     "Field names from a list of sections and single field names, in order, each once."
     names = [n for f in fields for n in (f.model_fields if isinstance(f, type) else [f])]
     return list(dict.fromkeys(names))
@@ -151,7 +151,7 @@ def settings_parser(description:str, # What the command does
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
     try: defaults = Settings()
     except ValidationError: defaults = None  # a bad CATSDOGS_* value: `parse_settings` reports it as a usage error
-    names, groups = _field_names(fields), {}
+    names, groups = field_names(fields), {}
     extra_flags = {field: [flag] for flag, field in (aliases or {}).items()}
     for name in names:
         section = section_of(name)

@@ -118,7 +118,7 @@ class ServingSettings(_Section):
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     max_upload_bytes: int = Field(10_000_000, gt=0, description="Largest accepted upload or URL download, in bytes")
     max_batch_files: int = Field(32, ge=1, description="Most files in one /predict/batch request (see max_batch_size for the model's batches)")
-    max_batch_size: int = Field(8, ge=1, description="Most images in one micro-batched forward pass (see the serving notebook for why 8)")
+    max_batch_size: int = Field(8, ge=1, description="Most images in one micro-batched forward pass (see the batching notebook for why 8)")
     batch_wait_ms: float = Field(10.0, ge=0, description="Most a micro-batch waits for more requests, and only while smaller than the batch before it")
     url_timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of URL fetches")
     allow_private_urls: bool = Field(False, description="Allow URL fetches from loopback/private/link-local addresses")
@@ -240,7 +240,7 @@ def _flag_type(annotation):
 
 MODEL_SOURCE = ("model_dir", "mlflow_tracking_uri", "cache_dir")  # where a model artifact comes from: a folder or a registry URI
 
-def _field_names(fields:list[str|type[BaseSettings]]) -> list[str]:
+def field_names(fields:list[str|type[BaseSettings]]) -> list[str]:
     "Field names from a list of sections and single field names, in order, each once."
     names = [n for f in fields for n in (f.model_fields if isinstance(f, type) else [f])]
     return list(dict.fromkeys(names))
@@ -253,7 +253,7 @@ def settings_parser(description:str, # What the command does
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
     try: defaults = Settings()
     except ValidationError: defaults = None  # a bad CATSDOGS_* value: `parse_settings` reports it as a usage error
-    names, groups = _field_names(fields), {}
+    names, groups = field_names(fields), {}
     extra_flags = {field: [flag] for flag, field in (aliases or {}).items()}
     for name in names:
         section = section_of(name)
@@ -283,6 +283,7 @@ def parse_settings(parser:argparse.ArgumentParser, argv:list[str]|None=None) -> 
 # Flags override the environment, and unset flags leave it alone:
 
 # %%
+test_eq(field_names([EvaluationSettings, "data_dir", "ood_dir"]), ["ood_dir", "data_dir"])  # sections and single fields, each once
 parser = settings_parser("demo", [InferenceSettings, "image_size", "data_dir"], aliases={"--size": "image_size"})
 os.environ["CATSDOGS_IMAGE_SIZE"] = "160"
 cfg, _ = parse_settings(parser, ["--data-dir", "photos", "--tta"])

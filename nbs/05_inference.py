@@ -152,7 +152,7 @@ preds[1]
 # otherwise. ONNX Runtime's threads sleep rather than spin when idle, and OpenVINO's are not
 # pinned to cores, so both leave the cores to image decoding between batches. OpenVINO runs a
 # single stream with `threads` threads: one batch at a time, which is how the service feeds it
-# (the micro-batcher makes the batches; see the serving notebook).
+# (the micro-batcher makes the batches; see the batching notebook).
 
 # %%
 #| export

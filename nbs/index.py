@@ -18,7 +18,9 @@
 # | model: backbones, head, open-set ("neither") head, artifact | `03_model` | `catsdogs.model` | |
 # | training, calibration, test metrics, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train` |
 # | inference: ONNX Runtime / OpenVINO predictor (eager and TorchScript too), registry URIs, evaluation | `05_inference` | `catsdogs.inference` | `catsdogs_predict`, `catsdogs_eval` |
-# | serving: FastAPI app, micro-batching, overload limits, web page | `06_serving` | `catsdogs.serving` | `catsdogs_serve` |
+# | HTTP input: upload and body limits, the URL guard, slow and vanished clients | `07_http_input` | `catsdogs.http_input` | |
+# | micro-batching: shared forward passes, bounded queue, deadlines | `08_batching` | `catsdogs.batching` | |
+# | serving: FastAPI app, routes and response models, metrics, reload, web page | `09_serving` | `catsdogs.serving` | `catsdogs_serve` |
 #
 # Presets, metrics, inference and serving import no PyTorch: predicting, evaluating and serving
 # need only `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO, FastAPI; add `registry`

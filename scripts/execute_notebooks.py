@@ -3,7 +3,7 @@ produces. Cells flagged with a test flag of settings.ini (`#| slow`, `#| cuda`) 
 keep the outputs they have (from the last time someone ran them with --flags).
 
     python scripts/execute_notebooks.py                      # every notebook in nbs/
-    python scripts/execute_notebooks.py 05_inference 06_serving
+    python scripts/execute_notebooks.py 05_inference 09_serving
     python scripts/execute_notebooks.py 04_training --flags slow   # also the slow cells
 
 Then `bash scripts/sync_notebooks.sh` (nbdev_clean keeps outputs) and commit. Outputs are kept
@@ -25,7 +25,9 @@ def execute(path: Path, skip: set[str]):
     nb = read_nb(path)
     shell = CaptureShell()
     def skipped(cell):
-        return cell.cell_type != "code" or bool(skip & set(getattr(cell, "directives_", {}) or {}))
+        if cell.cell_type != "code" or skip & set(getattr(cell, "directives_", {}) or {}): return True
+        cell.outputs = []  # execnb keeps a cell's old outputs when it now prints nothing
+        return False
     cwd = os.getcwd(); os.chdir(NBS)
     try: shell.run_all(nb, exc_stop=True, preproc=skipped)
     finally: os.chdir(cwd)

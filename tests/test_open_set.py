@@ -154,13 +154,14 @@ def test_exported_graphs_carry_the_open_set_score(open_set_model, not_pets, pets
 def test_open_set_flags_reach_uvicorn_workers(open_set_model, monkeypatch):
     "With --workers > 1 the settings travel as CATSDOGS_* variables: the open-set switch and an unset threshold too."
     from fastapi.testclient import TestClient
-    from catsdogs.serving import _SERVE_FLAGS, _to_env, app_from_env
+    from catsdogs.config import field_names
+    from catsdogs.serving import _SERVE_FIELDS, _to_env, app_from_env
     cases = [(Settings(model_dir=open_set_model, backend="onnx", workers=2, open_set=open_set, open_set_threshold=threshold), open_set, threshold)
              for open_set, threshold in ((True, 0.3), (True, None), (False, None))]
     config = json.loads((open_set_model / "model_config.json").read_text())["open_set"]
-    for name in _SERVE_FLAGS: monkeypatch.setenv(f"CATSDOGS_{name.upper()}", "")  # monkeypatch restores them afterwards
+    for name in field_names(_SERVE_FIELDS): monkeypatch.setenv(f"CATSDOGS_{name.upper()}", "")  # monkeypatch restores them afterwards
     for settings, open_set, threshold in cases:
-        _to_env(settings, _SERVE_FLAGS)
+        _to_env(settings, _SERVE_FIELDS)
         with TestClient(app_from_env()) as client: ready = client.get("/ready").json()
         expected = (threshold or config["threshold"]) if open_set else None
         assert ready["open_set"] is open_set and ready["open_set_threshold"] == pytest.approx(expected)

@@ -15,9 +15,11 @@ import time
 import httpx
 import pytest
 
+from catsdogs.batching import BatcherClosed, MicroBatcher
 from catsdogs.config import Settings
+from catsdogs.http_input import fetch_url
 from catsdogs.inference import Predictor
-from catsdogs.serving import BatcherClosed, MicroBatcher, create_app, fetch_url
+from catsdogs.serving import create_app
 from helpers_serving import demo_artifact, file_server, metric_value, run_server, sample_images, serve_process
 
 

@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from catsdogs.config import Settings
+from catsdogs.http_input import refusal_reason
 from catsdogs.inference import Predictor
-from catsdogs.serving import create_app, refusal_reason
+from catsdogs.serving import create_app
 from helpers_serving import bomb_png, demo_artifact, file_server, metric_samples, metric_value, odd_images, run_server, sample_images, serve_process
 
 LIMIT = 2_000_000  # upload limit of the test apps, small so oversize tests stay quick
@@ -313,10 +314,11 @@ def test_serve_refuses_a_corrupt_model(artifact, tmp_path):
 def test_workers_build_their_app_from_the_environment(artifact, monkeypatch):
     "With --workers > 1 uvicorn imports `app_from_env`; the flags reach it as CATSDOGS_* variables."
     import os
-    from catsdogs.serving import _SERVE_FLAGS, _to_env, app_from_env
+    from catsdogs.config import field_names
+    from catsdogs.serving import _SERVE_FIELDS, _to_env, app_from_env
     settings = make_settings(artifact, allow_private_urls=True, workers=2)
-    for name in _SERVE_FLAGS: monkeypatch.setenv(f"CATSDOGS_{name.upper()}", "")  # monkeypatch restores them afterwards
-    _to_env(settings, _SERVE_FLAGS)
+    for name in field_names(_SERVE_FIELDS): monkeypatch.setenv(f"CATSDOGS_{name.upper()}", "")  # monkeypatch restores them afterwards
+    _to_env(settings, _SERVE_FIELDS)
     assert os.environ["CATSDOGS_MODEL_DIR"] == str(artifact) and os.environ["CATSDOGS_ALLOW_PRIVATE_URLS"] == "true"
     with TestClient(app_from_env()) as c:
         ready = c.get("/ready").json()
