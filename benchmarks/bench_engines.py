@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from catsdogs.presets import shared_sample
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "data" / "PetImages-mini"
+SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
 
 def sample_jpegs(n: int) -> list[bytes]:
     "The first n/2 `cat.N.jpg` and n/2 `dog.N.jpg` of the sample."
-    if not SAMPLE.is_dir(): sys.exit(f"the image sample {SAMPLE} is missing")
+    if SAMPLE is None: sys.exit("the image sample ../shared/data/PetImages-mini is missing (run from the checkout)")
     out = []
     for label in ("cat", "dog"):
         found = sorted((SAMPLE / label.capitalize()).glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))

@@ -17,8 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from catsdogs.presets import shared_sample
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "data" / "PetImages-mini"
+SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
 
 def linked_folder(dest: Path, n: int) -> Path:
@@ -36,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=REPO / "artifacts" / "model")
     parser.add_argument("--n", type=int, default=3000)
     args = parser.parse_args(argv)
-    if not SAMPLE.is_dir(): sys.exit(f"the image sample {SAMPLE} is missing")
+    if SAMPLE is None: sys.exit("the image sample ../shared/data/PetImages-mini is missing (run from the checkout)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = linked_folder(Path(tmp) / "photos", args.n)
         cmd = [sys.executable, "-c", "from catsdogs.evaluation import eval_cli; eval_cli()", "--model", str(args.model),

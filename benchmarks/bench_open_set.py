@@ -28,16 +28,15 @@ import torch
 
 from catsdogs.data import find_images, load_prepared
 from catsdogs.inference import Prediction, Predictor, predict_files
-from catsdogs.metrics import open_set_metrics
+from catsdogs.metrics import open_set_figures, open_set_metrics
 from catsdogs.model import IMAGENET_PET_CLASSES, _efficientnet_lite0_imagenet, config_for_backbone
-from catsdogs.presets import Preset
-from catsdogs.metrics import open_set_figures
+from catsdogs.presets import Preset, shared_sample
 
 HERE = Path(__file__).resolve().parents[1]
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", type=Path, default=HERE / "artifacts/model")
 parser.add_argument("--prepared", type=Path, default=None, help="Manifest folder of the model's training data (default: MODEL/data)")
-parser.add_argument("--ood-dir", type=Path, default=HERE.parent / "shared/data/not-cats-dogs")
+parser.add_argument("--ood-dir", type=Path, default=shared_sample("not-cats-dogs"))
 parser.add_argument("--backend", default="auto")
 args = parser.parse_args()
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from catsdogs.config import Settings
 from catsdogs.data import build_manifest, find_images
+from catsdogs.presets import shared_sample
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/PetImages-mini")
+parser.add_argument("--data-dir", type=Path, default=shared_sample())
 parser.add_argument("--repeat", type=int, default=3)
 args = parser.parse_args()
 

@@ -36,13 +36,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import httpx
 import numpy as np
 
+from catsdogs.presets import shared_sample
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "data" / "PetImages-mini"
+SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
 
 def load_images(n: int) -> list[tuple[str, bytes]]:
     "The first n/2 `cat.N.jpg` and n/2 `dog.N.jpg` of the sample, as (name, bytes)."
-    if not SAMPLE.is_dir(): sys.exit(f"the image sample {SAMPLE} is missing")
+    if SAMPLE is None: sys.exit("the image sample ../shared/data/PetImages-mini is missing (run from the checkout)")
     files = []
     for label in ("cat", "dog"):
         found = sorted((SAMPLE / label.capitalize()).glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))
@@ -52,10 +54,10 @@ def load_images(n: int) -> list[tuple[str, bytes]]:
 
 def demo_artifact() -> Path:
     "An EfficientNet-Lite0 artifact with ImageNet weights and an untrained head, in a temporary folder."
-    from catsdogs.model import build_model, config_for_backbone, export_artifact
+    from catsdogs.model import demo_artifact
     out = Path(tempfile.mkdtemp(prefix="catsdogs-bench-")) / "model"
     print("exporting an untrained EfficientNet-Lite0 artifact (about 30 s)...", flush=True)
-    return export_artifact(build_model("efficientnet_lite0", pretrained=True), out, config_for_backbone("efficientnet_lite0", 288, 0.875))
+    return demo_artifact(out, "efficientnet_lite0", 288)
 
 
 def ceiling(predictor, datas: list[bytes], batch_size: int, repeats: int = 3) -> float:

@@ -17,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from catsdogs.presets import shared_sample
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "data" / "PetImages-mini"
+SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
 
 def du_mb(path: Path) -> float:
@@ -51,7 +53,7 @@ def main(argv=None):
     for mb, name in sizes[:10]: print(f"  {mb:7.1f} MB  {name}")
     has_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0
     print(f"PyTorch installed: {has_torch}")
-    if (args.model / "model_config.json").exists() and SAMPLE.is_dir():
+    if (args.model / "model_config.json").exists() and SAMPLE is not None:
         photo = sorted((SAMPLE / "Dog").glob("dog.*.jpg"))[0]
         done = subprocess.run([str(env / "bin" / "catsdogs_predict"), str(photo), "--model", str(args.model)], capture_output=True, text=True)
         print(f"catsdogs_predict from the lean install: {done.stdout.strip() or done.stderr.strip()[-300:]}")

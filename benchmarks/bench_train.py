@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from catsdogs.training import TrainState
+from catsdogs.presets import shared_sample
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/PetImages-mini")
+parser.add_argument("--data-dir", type=Path, default=shared_sample())
 parser.add_argument("--model-dir", type=Path, default=None, help="Keep the artifact here (default: a temporary folder)")
 parser.add_argument("extra", nargs="*", help="More catsdogs_train flags, after --")
 args = parser.parse_args()

@@ -19,13 +19,13 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from .presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig
+from .presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
 __all__ = ['BACKBONES', 'IMAGENET_PET_CLASSES', 'Backbone', 'register_backbone', 'get_backbone',
            'efficientnet_lite0_imagenet_head', 'efficientnet_lite0', 'mobilenet_v3_small', 'mobilenet_v2', 'small_cnn',
            'OpenSetHead', 'fit_open_set', 'CatsDogsNet', 'build_model', 'code_version', 'config_for_backbone',
-           'export_onnx', 'export_artifact', 'load_model']
+           'export_onnx', 'export_artifact', 'load_model', 'demo_artifact']
 
 # %% ../nbs/03_model.ipynb #a842a0b4
 @dataclass(frozen=True)
@@ -299,3 +299,19 @@ def load_model(path:Path, device:str="cpu") -> tuple[CatsDogsNet, ModelConfig]:
                         open_set=config.open_set or False)
     model.load_state_dict(torch.load(path/"weights.pt", map_location=device, weights_only=True))
     return model.to(device).eval(), config
+
+# %% ../nbs/03_model.ipynb #23b4b209
+def demo_artifact(out:Path, # Folder to write the artifact to
+                  architecture:str="small_cnn", image_size:int=96,
+                  check_images:list[Path]=(), # Real photos, copied to `check_images/`
+                  open_set_photos:list[Path]=()) -> Path: # Photos to fit the open-set head on; none: no open-set head
+    "An untrained artifact of `architecture` for examples, tests and benchmarks."
+    pretrained = get_backbone(architecture).weights.startswith("ImageNet")
+    model = build_model(architecture, pretrained=pretrained, open_set=bool(open_set_photos)).eval()
+    config = config_for_backbone(architecture, image_size, 0.875)
+    if open_set_photos:
+        preset = Preset.from_config(config)
+        batch = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in open_set_photos])
+        with torch.no_grad(): features = model.backbone(batch)
+        config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
+    return export_artifact(model, out, config, check_images=list(check_images))

@@ -76,19 +76,23 @@ def make_demo_folder(dest:Path, # Folder to create (class subfolders go inside)
     shutil.copy(cat/"cat.7.jpg", dest/"Dog"/"mislabelled.jpg")  # same photo, other label
     return dest
 
-def demo_data_dir() -> Path:
-    "The real sample beside the checkout when present, else a generated stand-in."
+def shared_sample(name:str="PetImages-mini") -> Path|None:
+    "This project's shared image sample `name` (`../shared/data/<name>` beside the checkout, found from the working directory), or None."
     for base in (Path.cwd(), *Path.cwd().parents):
-        sample = base/"shared"/"data"/"PetImages-mini"
+        sample = base/"shared"/"data"/name
         if sample.is_dir() and base.name != "shared": return sample
         if (base/"settings.ini").exists():
-            sample = base.parent/"shared"/"data"/"PetImages-mini"
-            if sample.is_dir(): return sample
-            break
-    return make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
+            sample = base.parent/"shared"/"data"/name
+            return sample if sample.is_dir() else None
+    return None
+
+def demo_data_dir() -> Path:
+    "The real sample beside the checkout when present, else a generated stand-in."
+    return shared_sample() or make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
 
 
 # %%
+test_eq(shared_sample("no-such-sample"), None)
 data_dir = demo_data_dir()
 data_dir, sorted(p.name for p in data_dir.iterdir())
 

@@ -36,12 +36,13 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig
+from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig, Preset
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 import tempfile
+from catsdogs.presets import demo_data_dir
 import numpy as np
 import onnxruntime as ort
 
@@ -514,3 +515,40 @@ with tempfile.TemporaryDirectory() as tmp:
     logits, score = session.run(None, {"images": x.numpy()})
     with torch.no_grad(): test_close(score, reloaded.forward_open_set(x)[1].numpy(), eps=1e-3)
 reloaded_config.open_set
+
+
+# %% [markdown]
+# ## A demo artifact
+#
+# The examples of later notebooks, the tests and the benchmarks need a real artifact without
+# training one: `demo_artifact` exports an untrained model (ImageNet weights where the
+# backbone has them, a random head), with real photos as its check images and, given photos
+# for it, an open-set head fitted on them (half as the bank, half to place the threshold). Its
+# answers are meaningless; every engine must still agree on them.
+
+# %%
+#| export
+def demo_artifact(out:Path, # Folder to write the artifact to
+                  architecture:str="small_cnn", image_size:int=96,
+                  check_images:list[Path]=(), # Real photos, copied to `check_images/`
+                  open_set_photos:list[Path]=()) -> Path: # Photos to fit the open-set head on; none: no open-set head
+    "An untrained artifact of `architecture` for examples, tests and benchmarks."
+    pretrained = get_backbone(architecture).weights.startswith("ImageNet")
+    model = build_model(architecture, pretrained=pretrained, open_set=bool(open_set_photos)).eval()
+    config = config_for_backbone(architecture, image_size, 0.875)
+    if open_set_photos:
+        preset = Preset.from_config(config)
+        batch = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in open_set_photos])
+        with torch.no_grad(): features = model.backbone(batch)
+        config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
+    return export_artifact(model, out, config, check_images=list(check_images))
+
+
+# %%
+sample_photos = sorted((demo_data_dir()/"Cat").glob("cat.*.jpg"))[:6] + sorted((demo_data_dir()/"Dog").glob("dog.*.jpg"))[:6]
+with tempfile.TemporaryDirectory() as tmp:
+    demo = demo_artifact(Path(tmp)/"model", check_images=sample_photos[::3], open_set_photos=sample_photos)
+    demo_files = sorted(p.name for p in demo.iterdir())
+    demo_config = ModelConfig.load(demo/"model_config.json")
+test_eq((demo_config.image_size, demo_config.open_set is not None), (96, True))
+demo_files

@@ -4,7 +4,7 @@
 # %% [markdown]
 # # Training
 #
-# > Two-stage transfer learning with early stopping, temperature calibration, evaluation figures, MLflow tracking, resumable checkpoints and DDP.
+# > Two-stage transfer learning with early stopping, temperature calibration, MLflow tracking, a resumable state and DDP.
 
 # %% [markdown]
 # `catsdogs_train` runs, in order:
@@ -85,7 +85,8 @@ def resolve_device(name:str="auto") -> torch.device:
     if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ: name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available(): raise RuntimeError("--device cuda asked for, but CUDA is not available")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but CUDA is not available")
     return device
 
 def seed_everything(seed:int):
@@ -208,7 +209,8 @@ def predict_logits(model:nn.Module, loader, device:torch.device, progress:bool=F
     model.eval()
     logits, targets = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        with _autocast(device) if autocast else contextlib.nullcontext(): logits.append(model(_to_device(x, device)).float().cpu())
+        with _autocast(device) if autocast else contextlib.nullcontext():
+            logits.append(model(_to_device(x, device)).float().cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
@@ -390,7 +392,8 @@ class Tracker:
         if self.enabled: self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
     def log_metrics(self, metrics:dict, step:int|None=None):
-        if self.enabled: self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if not self.enabled: return
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def log_dataset(self, prepared:PreparedData):
         "The manifest as an MLflow dataset input whose digest is the dataset version."
@@ -407,8 +410,9 @@ class Tracker:
         "Log the PyTorch model and register it in the Model Registry."
         if not self.enabled: return
         from catsdogs import __version__
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm", f"catsdogs=={__version__}"]
         self.mlflow.pytorch.log_model(model, name="model", registered_model_name=self.settings.registered_model_name,
-                                      input_example=example.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", f"catsdogs=={__version__}"])
+                                      input_example=example.numpy(), pip_requirements=requirements)
 
     def end(self, status:str="FINISHED"):
         if self.enabled and self.run: self.mlflow.end_run(status)
@@ -500,8 +504,10 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
 def start_run(settings:Settings, quick:bool=False, resume:bool=False) -> TrainingRun:
     "Device, process group and, when resuming, the saved state with the hyper-parameters the run started with."
     if str(settings.model_dir).startswith("models:/"):
-        raise ValueError(f"training writes a folder; --model-dir {settings.model_dir} is a registry URI (promote a trained model instead)")
-    if quick: settings = settings.model_copy(update={"epochs": min(settings.epochs, 2), "freeze_epochs": min(settings.freeze_epochs, 1)})
+        raise ValueError(f"training writes a folder; --model-dir {settings.model_dir} is a registry URI "
+                         "(promote a trained model instead)")
+    if quick: settings = settings.model_copy(update={"epochs": min(settings.epochs, 2),
+                                                     "freeze_epochs": min(settings.freeze_epochs, 1)})
     device = resolve_device(settings.device)
     rank, world_size = init_distributed(device)
     run = TrainingRun(settings, device, rank, world_size, None)
@@ -613,12 +619,14 @@ def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:d
     t0, desc = time.time(), f"epoch {epoch + 1} {'head' if stage.frozen else 'all'}"
     if stage.frozen and features:
         gen = torch.Generator().manual_seed(epoch_seed(s.seed, epoch))
-        loader = DataLoader(features["train"], s.batch_size, shuffle=True, generator=gen, drop_last=len(features["train"]) > s.batch_size)
+        loader = DataLoader(features["train"], s.batch_size, shuffle=True, generator=gen,
+                            drop_last=len(features["train"]) > s.batch_size)
         train_loss = train_one_epoch(model.head, loader, criterion, stage.optimizer, stage.scheduler, device, desc, progress)
         val = evaluate(model.head, DataLoader(features["val"], 256), device)
         n_seen = len(features["train"])
     else:
-        loader = make_loader(rows["train"], root, preset_of(s).train_transform(), s, device, train=True, epoch=epoch, world_size=run.world_size)
+        loader = make_loader(rows["train"], root, preset_of(s).train_transform(), s, device,
+                             train=True, epoch=epoch, world_size=run.world_size)
         train_loss = train_one_epoch(stage.model, loader, criterion, stage.optimizer, stage.scheduler, device, desc, progress,
                                      freeze_bn=stage.frozen or s.freeze_bn)
         if run.world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
@@ -656,7 +664,8 @@ def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker
     stage = None
     for epoch in range(run.state.epoch, s.epochs):
         frozen = epoch < s.freeze_epochs
-        if stage is None or stage.frozen != frozen: stage = start_stage(run, model, frozen, len(rows["train"]), first=stage is None)
+        if stage is None or stage.frozen != frozen:
+            stage = start_stage(run, model, frozen, len(rows["train"]), first=stage is None)
         record = run_epoch(run, model, stage, epoch, rows, root, criterion, val_loader, features, progress)
         end_epoch(run, model, stage, record, tracker)
         run.barrier()
@@ -678,8 +687,10 @@ def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker
 with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as epoch_lines:
     demo_run.settings.model_dir = Path(tmp)/"model"
     stage = start_stage(demo_run, demo_model, frozen=True, n_train=len(demo_rows["train"]), first=True)
-    demo_val = make_loader(demo_rows["val"], demo_prepared.root, preset_of(demo_run.settings).eval_transform(), demo_run.settings, cpu)
-    record = run_epoch(demo_run, demo_model, stage, 0, demo_rows, demo_prepared.root, nn.CrossEntropyLoss(), demo_val, progress=False)
+    run_settings = demo_run.settings
+    demo_val = make_loader(demo_rows["val"], demo_prepared.root, preset_of(run_settings).eval_transform(), run_settings, cpu)
+    record = run_epoch(demo_run, demo_model, stage, 0, demo_rows, demo_prepared.root, nn.CrossEntropyLoss(), demo_val,
+                       progress=False)
     end_epoch(demo_run, demo_model, stage, record, demo_tracker)
     test_eq(TrainState.load(demo_run.checkpoint).epoch, 1)
     outcome = fit_stages(demo_run, demo_model, demo_rows, demo_prepared.root, demo_tracker, progress=False)
@@ -747,8 +758,9 @@ def test_metrics(model:CatsDogsNet, features:dict, settings:Settings) -> tuple[f
     probs = torch.softmax(test_logits / temperature, 1).numpy()
     metrics = classification_metrics(probs, test_targets.numpy())
     metrics["uncalibrated_log_loss"] = nn.functional.cross_entropy(test_logits, test_targets).item()
-    open_set = fit_open_set(model.open_set, features["train"][0], features["val"][0], settings.open_set_keep_rate, settings.open_set_k,
-                            settings.open_set_bank_size, settings.open_set_slope, settings.open_set_offset, settings.seed)
+    open_set = fit_open_set(model.open_set, features["train"][0], features["val"][0], settings.open_set_keep_rate,
+                            settings.open_set_k, settings.open_set_bank_size, settings.open_set_slope, settings.open_set_offset,
+                            settings.seed)
     metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
     return temperature, open_set, probs, metrics
 
@@ -759,10 +771,12 @@ def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Te
                          "open_set_val_kept": config.open_set.val_kept})
     if not tracker.enabled: return
     tracker.log_artifacts(out/"figures", "figures")
-    for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"): tracker.mlflow.log_artifact(str(out/name), "artifact")
+    for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"):
+        tracker.mlflow.log_artifact(str(out/name), "artifact")
     tracker.log_artifacts(out/"check_images", "artifact/check_images")
     tracker.log_model(model, example)
-    (out/"mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.settings.mlflow_tracking_uri}) + "\n")
+    run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.settings.mlflow_tracking_uri}
+    (out/"mlflow_run.json").write_text(json.dumps(run_record) + "\n")
 
 def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict, tracker:Tracker, stopped_early:bool=False,
            progress:bool=True) -> TrainResult:
@@ -773,8 +787,8 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict,
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
     test_targets, test_paths = features["test"][1].numpy(), features["test"][2]
     save_figures(out/"figures", probs, test_targets, test_paths, s.class_names, history=run.state.history)
-    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, class_names=tuple(s.class_names), temperature=temperature,
-                                 open_set=open_set, dataset_version=prepared.version, metrics=metrics)
+    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, class_names=tuple(s.class_names),
+                                 temperature=temperature, open_set=open_set, dataset_version=prepared.version, metrics=metrics)
     preset = Preset.from_config(config)
     example = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in test_paths[:2]])
     val_paths = features["val"][2]
@@ -853,7 +867,8 @@ for arch, kwargs in budgets.items():
     cfg = Settings(architecture=arch, image_size=160, epochs=6, model_dir=comparison_dir/arch, **kwargs)
     with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch log lines
         res = train(cfg, sample_prepared, mlflow=False, progress=False)
-    rows.append({"architecture": arch, "weights": get_backbone(arch).weights.split(",")[0], "test accuracy": res.config.metrics["accuracy"],
+    rows.append({"architecture": arch, "weights": get_backbone(arch).weights.split(",")[0],
+                 "test accuracy": res.config.metrics["accuracy"],
                  "test log loss": res.config.metrics["log_loss"], "ROC AUC": res.config.metrics["roc_auc"],
                  "best epoch": min(res.history, key=lambda r: r["val_calibrated_loss"])["epoch"]})
 comparison = pd.DataFrame(rows).set_index("architecture")
@@ -895,7 +910,8 @@ pet_paths = [sample_prepared.root/p for p in sample_prepared.split("val").path]
 outlier_paths = sorted(not_pets.rglob("*.jpg")) if not_pets.is_dir() else []
 if outlier_paths:
     p_pets, p_outliers = p_cat_or_dog(pet_paths), p_cat_or_dog(outlier_paths)
-    figures = open_set_figures(comparison_dir/"open_set", p_pets, p_outliers, open_set_config.open_set.threshold, pet_paths, outlier_paths)
+    threshold = open_set_config.open_set.threshold
+    figures = open_set_figures(comparison_dir/"open_set", p_pets, p_outliers, threshold, pet_paths, outlier_paths)
     for f in figures: display(Figure(filename=f))
     print(f"refused: {(p_outliers < open_set_config.open_set.threshold).mean():.1%} of {len(p_outliers)} outliers; "
           f"kept: {(p_pets >= open_set_config.open_set.threshold).mean():.1%} of {len(p_pets)} validation cats and dogs")
@@ -910,8 +926,10 @@ def train_cli(argv:list[str]|None=None):
     "Console script `catsdogs_train` (also under `torchrun --no-python catsdogs_train ...` for DDP)."
     parser = settings_parser("Train the cats-vs-dogs classifier and write a model artifact.",
                              [DataSettings, ModelSettings, TrainingSettings], aliases={"--output": "model_dir"})
-    parser.add_argument("--prepared", type=Path, help="A folder written by catsdogs_prepare (default: prepare --data-dir into MODEL_DIR/data)")
-    parser.add_argument("--resume", action="store_true", help="Continue from MODEL_DIR/checkpoints/last.pt, in the same MLflow run")
+    parser.add_argument("--prepared", type=Path,
+                        help="A folder written by catsdogs_prepare (default: prepare --data-dir into MODEL_DIR/data)")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue from MODEL_DIR/checkpoints/last.pt, in the same MLflow run")
     parser.add_argument("--quick", action="store_true", help="Tiny smoke-test run: a few images, at most 2 epochs")
     parser.add_argument("--no-mlflow", action="store_true", help="Do not track the run in MLflow")
     parser.add_argument("--stop-after-epochs", type=int, help="Stop after this many epochs, as if interrupted (then --resume)")

@@ -58,7 +58,7 @@ import mlflow
 import torch
 from fastcore.test import test_eq, test_fail, test_close
 from catsdogs.presets import demo_data_dir
-from catsdogs.model import build_model, config_for_backbone, export_artifact, fit_open_set
+from catsdogs.model import demo_artifact
 
 # %%
 #| export
@@ -73,13 +73,10 @@ logger = logging.getLogger("catsdogs.inference")
 tmp = tempfile.TemporaryDirectory()
 data_dir = demo_data_dir()
 cat_jpg, dog_jpg = sorted((data_dir/"Cat").glob("cat.*.jpg"))[0], sorted((data_dir/"Dog").glob("dog.*.jpg"))[0]
-untrained = build_model("small_cnn", pretrained=False).eval()
-config = config_for_backbone("small_cnn", 96, 0.875)
-preset = Preset.from_config(config)
 photos = sorted((data_dir/"Cat").glob("cat.*.jpg"))[:12] + sorted((data_dir/"Dog").glob("dog.*.jpg"))[:12]
-with torch.no_grad(): features = untrained.backbone(torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in photos]))
-config.open_set = fit_open_set(untrained.open_set, features[::2], features[1::2])
-artifact = export_artifact(untrained, Path(tmp.name)/"model", config, check_images=photos[::3])
+artifact = demo_artifact(Path(tmp.name)/"model", "small_cnn", 96, check_images=photos[::3], open_set_photos=photos)
+config = ModelConfig.load(artifact/"model_config.json")
+preset = Preset.from_config(config)
 sorted(p.name for p in artifact.iterdir())
 
 # %% [markdown]

@@ -103,7 +103,7 @@ import warnings
 from fastapi.testclient import TestClient
 from fastcore.test import test_eq
 from catsdogs.presets import demo_data_dir
-from catsdogs.model import build_model, config_for_backbone, export_artifact
+from catsdogs.model import demo_artifact
 
 # %%
 #| hide
@@ -118,8 +118,7 @@ logger = logging.getLogger("catsdogs.serving")
 
 # %%
 tmp = tempfile.TemporaryDirectory()
-artifact = export_artifact(build_model("small_cnn", pretrained=False), Path(tmp.name)/"model",
-                           config_for_backbone("small_cnn", 96, 0.875))
+artifact = demo_artifact(Path(tmp.name)/"model", "small_cnn", 96)
 data_dir = demo_data_dir()
 cat_jpg = sorted((data_dir/"Cat").glob("cat.*.jpg"))[0]
 

@@ -10,19 +10,20 @@
 #
 # | stage | notebook | module | console script |
 # |---|---|---|---|
-# | configuration | `00_config` | `catsdogs.config` | (flags of every script) |
+# | configuration: `Settings` in sections (data, model, training, inference, evaluation, serving) | `00_config` | `catsdogs.config` | (flags of every script, from its sections) |
 # | presets: image decoding, eval and train preprocessing, the model artifact's `ModelConfig` | `00a_presets` | `catsdogs.presets` | |
-# | metrics: accuracy, calibration (ECE), the "neither" answer | `00b_metrics` | `catsdogs.metrics` | |
+# | metrics and figures: accuracy, calibration (ECE, reliability diagram), the "neither" answer, the mistakes gallery | `00b_metrics` | `catsdogs.metrics` | |
 # | data: download, validation, duplicates, split manifest, `Dataset` | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
 # | exploratory analysis | `02_eda` | (none) | |
 # | model: backbones, head, open-set ("neither") head, artifact | `03_model` | `catsdogs.model` | |
-# | training, calibration, test metrics, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train` |
-# | inference: ONNX Runtime / OpenVINO predictor (eager and TorchScript too), registry URIs, evaluation | `05_inference` | `catsdogs.inference` | `catsdogs_predict`, `catsdogs_eval` |
+# | training as named steps, its resumable `TrainState`, calibration, test metrics, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train` |
+# | inference: ONNX Runtime / OpenVINO predictor (eager and TorchScript too), registry URIs | `05_inference` | `catsdogs.inference` | `catsdogs_predict` |
+# | evaluation of an artifact as served: metrics, figures, outliers | `06_evaluation` | `catsdogs.evaluation` | `catsdogs_eval` |
 # | HTTP input: upload and body limits, the URL guard, slow and vanished clients | `07_http_input` | `catsdogs.http_input` | |
 # | micro-batching: shared forward passes, bounded queue, deadlines | `08_batching` | `catsdogs.batching` | |
 # | serving: FastAPI app, routes and response models, metrics, reload, web page | `09_serving` | `catsdogs.serving` | `catsdogs_serve` |
 #
-# Presets, metrics, inference and serving import no PyTorch: predicting, evaluating and serving
+# Presets, metrics, inference, evaluation and serving import no PyTorch: predicting, evaluating and serving
 # need only `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO, FastAPI; add `registry`
 # for `models:/` URIs). Training needs `catsdogs[train]`; `catsdogs[dev]` adds the notebook and
 # test tools (what `scripts/setup.sh` installs). A bare `pip install catsdogs` brings only the
@@ -73,13 +74,17 @@
 # ## Using it step by step
 #
 # Activate the environment (`. .venv/bin/activate`, after `bash scripts/setup.sh`). Every
-# script takes `--help`; every setting is also an environment variable `CATSDOGS_<NAME>`
-# (see `catsdogs.config.Settings`), and flags win over the environment.
+# script takes `--help`, which groups its flags by the `Settings` section they come from; every
+# setting is also an environment variable `CATSDOGS_<NAME>` (see `catsdogs.config`), and flags
+# win over the environment. One setting, `model_dir` (`--model-dir`, `CATSDOGS_MODEL_DIR`), names
+# the model artifact for every script: training writes it, the others read it. It replaces
+# training's `output`; `--output` and `CATSDOGS_OUTPUT` still work as its older names, and
+# `--model` is the short name of `--model-dir` for predict, eval and serve.
 #
 # ```sh
 # catsdogs_prepare --data-dir path/to/photos --out artifacts/data          # or no --data-dir: the download
-# catsdogs_train --prepared artifacts/data --output artifacts/model     # or --data-dir DIR
-# catsdogs_eval --model artifacts/model --data-dir path/to/labelled/photos --ood-dir path/to/other/photos --json
+# catsdogs_train --prepared artifacts/data --model-dir artifacts/model  # or --data-dir DIR
+# catsdogs_eval --model artifacts/model --data-dir path/to/labelled/photos --ood-dir path/to/other/photos --figures figs --json
 # catsdogs_predict --model-dir artifacts/model photo1.jpg photo2.jpg
 # catsdogs_serve --model-dir artifacts/model --port 8000
 # catsdogs_serve --model models:/catsdogs@champion --admin-token "$TOKEN"  # what the registry says
@@ -107,11 +112,11 @@
 # `curl -X POST -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8000/admin/reload`. `/ready`
 # shows the registry name and version.
 #
-# On several GPUs, or several machines sharing a file system for `--output`, launch the same
+# On several GPUs, or several machines sharing a file system for `--model-dir`, launch the same
 # script with torchrun:
 #
 # ```sh
-# torchrun --nproc-per-node 4 --no-python catsdogs_train --data-dir DIR --output artifacts/model
+# torchrun --nproc-per-node 4 --no-python catsdogs_train --data-dir DIR --model-dir artifacts/model
 # ```
 #
 # ## The HTTP API
@@ -179,7 +184,7 @@
 # | what | command | result |
 # |---|---|---|
 # | data preparation | `python benchmarks/bench_prepare.py` | about 500 to 900 files/s (decode, sha256, perceptual hash, duplicates, split; target 400) |
-# | training on the sample, CPU | `python benchmarks/bench_train.py --output artifacts/model` | EPYC, 2026-12-02: 602 s wall end to end; fine-tuning at 7.5 to 8.5 images/s; test accuracy 98.98% (195 of 197; target 98.5%), log loss 0.041, ROC AUC 0.9995, ECE 0.011, T 0.195. Xeon, 2026-12-01: 413 and 436 s, the same accuracy (target 600 s, met on the Xeon, not on the EPYC) |
+# | training on the sample, CPU | `python benchmarks/bench_train.py --model-dir artifacts/model` | EPYC, 2026-12-02: 602 s wall end to end; fine-tuning at 7.5 to 8.5 images/s; test accuracy 98.98% (195 of 197; target 98.5%), log loss 0.041, ROC AUC 0.9995, ECE 0.011, T 0.195. Xeon, 2026-12-01: 413 and 436 s, the same accuracy (target 600 s, met on the Xeon, not on the EPYC) |
 # | "neither" (open set), CPU | `python benchmarks/bench_open_set.py --model artifacts/model` | Xeon, 2026-12-01, at the artifact's threshold (p_cat_or_dog 0.32): 0.95% of validation cats and dogs refused (target at most 1%), 97.3% of the held-out half of `not-cats-dogs` refused (target 97%); ROC AUC 0.998, FPR at 95% TPR 0.3%. The ImageNet-head baseline in the same run: 91.8% refused, ROC AUC 0.985, FPR at 95% TPR 6.9% |
 # | training, one H100 | `python benchmarks/bench_train.py --data-dir <sample re-encoded at a 329 px short side> -- --no-mlflow` | 90 s wall, 350 to 400 images/s per epoch; test accuracy 98.3% (173 of 176; re-encoding regroups near duplicates, so the split differs) |
 # | inference engines, CPU | `python benchmarks/bench_engines.py --model artifacts/model --threads 1 2` | EPYC, 2026-12-02, forward pass alone, 2 threads: ONNX Runtime f32 75 to 77 images/s at batch 1 to 8, OpenVINO f32 52 to 56 (no bf16 on this CPU); both agree exactly on the check photos. On the Xeon (issue 11's table): OpenVINO bf16 192 images/s at batch 8 against ONNX Runtime's 77 |

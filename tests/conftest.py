@@ -6,16 +6,16 @@ import pytest
 
 from catsdogs.config import Settings
 from catsdogs.data import make_demo_folder
+from catsdogs.presets import shared_sample
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "data" / "PetImages-mini"
-NOT_PETS = REPO.parent / "shared" / "data" / "not-cats-dogs"
+SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
+NOT_PETS = shared_sample("not-cats-dogs")
 
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     "The real PetImages-mini sample when present, else a generated folder with the same odd files."
-    if SAMPLE.is_dir():
+    if SAMPLE is not None:
         return SAMPLE
     return make_demo_folder(tmp_path_factory.mktemp("demo"), n_per_class=40)
 
@@ -65,6 +65,6 @@ def unseen_pets(open_set_model) -> dict[str, list[Path]]:
 @pytest.fixture(scope="session")
 def not_pets() -> dict[str, Path]:
     "One real photo each of a kangaroo, a face and a bear (not cats, not dogs), from the shared outlier sample."
-    if not NOT_PETS.is_dir(): pytest.skip(f"needs the outlier photos at {NOT_PETS}")
+    if NOT_PETS is None: pytest.skip("needs the outlier photos at ../shared/data/not-cats-dogs")
     return {kind: sorted((NOT_PETS / folder).glob("*.jpg"))[0]
             for kind, folder in (("kangaroo", "experiencor/kangaroo"), ("face", "serengil/face"), ("bear", "poziki/bear"))}

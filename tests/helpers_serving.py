@@ -13,9 +13,10 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from catsdogs.model import build_model, config_for_backbone, export_artifact
+from catsdogs.model import demo_artifact as export_demo_artifact
+from catsdogs.presets import shared_sample
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "PetImages-mini"
+SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
 _ARTIFACTS: dict[str, Path] = {}
 _TMP = tempfile.TemporaryDirectory(prefix="catsdogs-test-artifacts-")
@@ -24,10 +25,8 @@ _TMP = tempfile.TemporaryDirectory(prefix="catsdogs-test-artifacts-")
 def demo_artifact(architecture: str = "small_cnn") -> Path:
     "An untrained artifact of `architecture` (ImageNet backbone where it has one), exported once per test process."
     if architecture not in _ARTIFACTS:
-        model = build_model(architecture, pretrained=architecture != "small_cnn")
-        checks = sample_images(SAMPLE, "cat", 4) + sample_images(SAMPLE, "dog", 4) if SAMPLE.is_dir() else []
-        _ARTIFACTS[architecture] = export_artifact(model, Path(_TMP.name) / architecture, config_for_backbone(architecture, 224, 0.875),
-                                                   check_images=checks)
+        checks = sample_images(SAMPLE, "cat", 4) + sample_images(SAMPLE, "dog", 4) if SAMPLE is not None else []
+        _ARTIFACTS[architecture] = export_demo_artifact(Path(_TMP.name) / architecture, architecture, 224, check_images=checks)
     return _ARTIFACTS[architecture]
 
 
