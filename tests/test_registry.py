@@ -66,6 +66,8 @@ def test_a_promoted_version_is_reloaded_under_load_without_failing_a_request(reg
                     statuses.append(r.status_code); versions.add(r.json().get("model_version")); i += 1
         loops = [threading.Thread(target=load_loop) for _ in range(3)]
         for t in loops: t.start()
+        deadline = time.monotonic() + 30
+        while len(statuses) < 6 and time.monotonic() < deadline: time.sleep(0.01)  # the first model answers before the swap
         promote(2, "champion", tracking_uri=uri)
         assert c.post("/admin/reload").status_code == 401
         assert c.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
