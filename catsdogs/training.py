@@ -324,7 +324,7 @@ def prepare_data(run:TrainingRun, progress:bool=True) -> PreparedData:
     return load_prepared(prepared_dir)
 
 def split_rows(run:TrainingRun, prepared:PreparedData, quick:bool=False) -> dict[str, pd.DataFrame]:
-    "The manifest rows of each split (a few per class with `quick`); checks them against a resumed state."
+    "The manifest rows of each split (a few per class with `quick`); checks a resumed state's data version, or starts the state."
     if run.state and run.state.dataset_version != prepared.version:
         raise ValueError("the checkpoint was trained on another dataset version; resume with the same data")
     if run.state is None: run.state = TrainState(run.settings.model_dump(mode="json"), prepared.version)
@@ -559,6 +559,8 @@ def train_cli(argv:list[str]|None=None):
     settings, args = parse_settings(parser, argv)
     if args.quick and args.image_size is None: settings.image_size = 96  # small inputs unless asked otherwise
     prepared = load_prepared(args.prepared) if args.prepared else None
-    result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
-                   stop_after_epochs=args.stop_after_epochs)
+    try: result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
+                        stop_after_epochs=args.stop_after_epochs)
+    except (FileNotFoundError, ValueError) as e:  # a missing folder or checkpoint, a registry URI to write to, an unknown backbone
+        parser.exit(2, f"catsdogs_train: {e}\n")
     if result: print(f"model artifact: {result.model_dir}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))

@@ -11,5 +11,5 @@ out=${OUTPUT:-artifacts}
 data_args=()
 [ -n "${DATA_DIR:-}" ] && data_args=(--data-dir "$DATA_DIR")
 catsdogs_prepare "${data_args[@]}" --out "$out/data"
-catsdogs_train --prepared "$out/data" --output "$out/model"   # ends with the test-split metrics
+catsdogs_train --prepared "$out/data" --model-dir "$out/model"   # ends with the test-split metrics
 exec catsdogs_serve --model-dir "$out/model" --port "${PORT:-8000}"

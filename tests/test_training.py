@@ -132,3 +132,12 @@ def test_unknown_architecture_is_a_clear_error(small_sample_dir, tmp_path):
     result = subprocess.run(["catsdogs_train", "--data-dir", str(small_sample_dir), "--output", str(tmp_path),
                              "--architecture", "resnet9000", "--no-mlflow"], capture_output=True, text=True)
     assert result.returncode != 0 and "choose one of" in result.stderr
+
+
+def test_start_up_mistakes_are_one_line_errors(small_sample_dir, tmp_path):
+    "A registry URI as the folder to write, or --resume without a checkpoint: exit status 2 and one line, no traceback."
+    for flags, message in ((["--model-dir", "models:/catsdogs@champion"], "is a registry URI"),
+                           (["--model-dir", str(tmp_path / "fresh"), "--resume"], "no checkpoint to resume from")):
+        result = subprocess.run(["catsdogs_train", "--data-dir", str(small_sample_dir), "--no-mlflow", *flags],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
