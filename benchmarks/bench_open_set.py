@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from catsdogs.data import find_images, load_prepared
+from catsdogs.config import InferenceSettings
 from catsdogs.inference import Prediction, Predictor, predict_files
 from catsdogs.metrics import open_set_figures, open_set_metrics
 from catsdogs.model import IMAGENET_PET_CLASSES, _efficientnet_lite0_imagenet, config_for_backbone
@@ -40,7 +41,7 @@ parser.add_argument("--ood-dir", type=Path, default=shared_sample("not-cats-dogs
 parser.add_argument("--backend", default="auto")
 args = parser.parse_args()
 
-predictor = Predictor(args.model, backend=args.backend)
+predictor = Predictor(args.model, InferenceSettings(backend=args.backend))
 if predictor.open_set is None: sys.exit(f"{args.model} has no open-set head: train it with this version of catsdogs")
 prepared = load_prepared(args.prepared or args.model / "data")
 pets = {split: [prepared.root / p for p in prepared.split(split).path] for split in ("val", "test")}

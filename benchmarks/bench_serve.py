@@ -18,14 +18,10 @@ anything else running.
 import argparse
 import asyncio
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # libgomp's busy-waiting threads fight for the cores with decoding and with anything else running;
@@ -36,20 +32,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import httpx
 import numpy as np
 
-from catsdogs.presets import shared_sample
+from catsdogs.presets import sample_photos, shared_sample
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from helpers_serving import metric_value, serve_process  # the test kit: a served model started and awaited, Prometheus readings
+
 SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
 
 def load_images(n: int) -> list[tuple[str, bytes]]:
     "The first n/2 `cat.N.jpg` and n/2 `dog.N.jpg` of the sample, as (name, bytes)."
     if SAMPLE is None: sys.exit("the image sample ../shared/data/PetImages-mini is missing (run from the checkout)")
-    files = []
-    for label in ("cat", "dog"):
-        found = sorted((SAMPLE / label.capitalize()).glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))
-        files += found[: n // 2]
-    return [(p.name, p.read_bytes()) for p in files]
+    return [(p.name, p.read_bytes()) for label in ("cat", "dog") for p in sample_photos(label, n // 2, SAMPLE)]
 
 
 def demo_artifact() -> Path:
@@ -60,51 +55,41 @@ def demo_artifact() -> Path:
     return demo_artifact(out, "efficientnet_lite0", 288)
 
 
-def ceiling(predictor, datas: list[bytes], batch_size: int, repeats: int = 3) -> float:
-    "Images/s of decode (on the predictor's threads) then one forward pass per batch, best of `repeats` passes after a warm-up."
-    with ThreadPoolExecutor(predictor.threads) as pool:
-        def one_pass():
-            start = time.perf_counter()
-            for i in range(0, len(datas), batch_size):
-                predictor.predict_arrays(np.stack(list(pool.map(predictor.preprocess, datas[i:i + batch_size]))))
-            return time.perf_counter() - start
-        one_pass()
-        return len(datas) / min(one_pass() for _ in range(repeats))
+def ceiling(predictor, datas: list[bytes], batch_size: int, repeats: int = 3) -> tuple[float, float]:
+    """Images/s of `predict_batch` on `batch_size` images at a time (what the service's batcher calls), best of `repeats`
+    passes after a warm-up, and the CPU time of this process per image (ms, all threads) in that best pass."""
+    def one_pass():
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(datas), batch_size): predictor.predict_batch(datas[i:i + batch_size], batch_size)
+        return time.perf_counter() - start, time.process_time() - cpu
+    one_pass()
+    wall, cpu = min(one_pass() for _ in range(repeats))
+    return len(datas) / wall, 1000 * cpu / len(datas)
 
 
 def in_process(model: Path, backend: str, precision: str, images: list[tuple[str, bytes]], batch_size: int, threads: int) -> dict:
     "Ceiling images/s (decode a batch on the inference threads, then one forward pass) and one image's time, best of three."
+    from catsdogs.config import InferenceSettings
     from catsdogs.inference import Predictor
-    predictor = Predictor(model, backend=backend, precision=precision, threads=threads)
+    predictor = Predictor(model, InferenceSettings(backend=backend, precision=precision, threads=threads))
     datas = [d for _, d in images]
-    rate = ceiling(predictor, datas, batch_size)
+    rate, cpu_ms = ceiling(predictor, datas, batch_size)
     def one_image(data):
         start = time.perf_counter(); predictor.predict(data); return time.perf_counter() - start
     single = min(statistics.median(one_image(d) for d in datas[:20]) for _ in range(3))  # best of three medians
-    return {"backend": predictor.backend, "precision": predictor.precision, "ceiling_rps": rate, "single_ms": 1000 * single}
+    return {"backend": predictor.backend, "precision": predictor.precision, "ceiling_rps": rate, "cpu_ms": cpu_ms, "single_ms": 1000 * single}
+
+
+def cpu_seconds(pid: int) -> float:
+    "User plus system CPU time of process `pid` and its threads so far, in seconds."
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
     "Resident memory of process `pid` now and at its peak (VmRSS, VmHWM), in MB."
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
-
-
-def start_server(model: Path, backend: str, port: int, extra: list[str], script: str | None = None) -> subprocess.Popen:
-    "`catsdogs_serve` (this environment's, or `script`) on 127.0.0.1:port, once /ready answers 200."
-    script = script or shutil.which("catsdogs_serve") or sys.exit("catsdogs_serve is not installed (pip install -e .)")
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([script, "--model-dir", str(model), "--host", "127.0.0.1", "--port", str(port), "--backend", backend,
-                             "--max-queue", "1024", *extra],  # the load levels here must not be refused
-                            stdout=subprocess.DEVNULL, stderr=log, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None: log.seek(0); sys.exit(f"the server exited:\n{log.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200: return proc
-        except httpx.TransportError: pass
-        time.sleep(0.2)
-    proc.kill(); sys.exit("the server did not become ready in 120 s")
 
 
 def encode_requests(images: list[tuple[str, bytes]], port: int) -> list[bytes]:
@@ -178,14 +163,15 @@ async def load_test(port: int, images: list[tuple[str, bytes]], concurrency: int
 def images_and_batches(port: int) -> tuple[float, float]:
     "Images run and forward passes so far, from the server's Prometheus batch-size histogram."
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("catsdogs_inference_batch_size_")}
-    return values["catsdogs_inference_batch_size_sum"], values["catsdogs_inference_batch_size_count"]
+    return metric_value(text, "catsdogs_inference_batch_size_sum"), metric_value(text, "catsdogs_inference_batch_size_count")
 
 
-def measure(port: int, images, concurrency: int, max_requests: int, max_seconds: float) -> dict:
-    "One load level, with the mean batch size the server formed during it (warm-up requests included; one worker)."
+def measure(port: int, pid: int, images, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    "One load level, with the mean batch size the server formed and its CPU time per request (ms) during it (one worker)."
     images_before, passes_before = images_and_batches(port)
+    cpu_before = cpu_seconds(pid)
     result = asyncio.run(load_test(port, images, concurrency, max_requests, max_seconds))
+    result["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu_before) / max(1, result["requests"] + result["errors"])
     images_after, passes_after = images_and_batches(port)
     result["mean_batch"] = (images_after - images_before) / max(1, passes_after - passes_before)
     return result
@@ -197,11 +183,11 @@ def main(argv=None):
     parser.add_argument("--make-demo-artifact", action="store_true", help="Build an untrained EfficientNet-Lite0 artifact instead")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "openvino", "torchscript", "eager"],
                         help="The server's backend (the ceiling is always the fastest engine)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16", "int8"], help="The server's precision")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=400, help="Requests per concurrency level (at most)")
     parser.add_argument("--seconds", type=float, default=60, help="Seconds per concurrency level (at most)")
     parser.add_argument("--images", type=int, default=64, help="Distinct sample JPEGs to cycle through")
-    parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--server-arg", action="append", default=[], help="Extra catsdogs_serve flag (repeatable)")
     parser.add_argument("--serve-script", default=None, help="catsdogs_serve of another environment (e.g. the lean one of "
                         "bench_serve_install.py --keep DIR)")
@@ -215,32 +201,33 @@ def main(argv=None):
     print(f"model {model}, {len(images)} sample JPEGs, {os.cpu_count()} cores, max_batch_size {settings.max_batch_size}, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
 
-    from catsdogs.inference import openvino_precisions
+    from catsdogs.engines import INT8_FILE, openvino_precisions
     engines = [("onnx", "f32")] + [("openvino", p) for p in openvino_precisions()]
+    if (model / INT8_FILE).is_file(): engines += [("onnx", "int8"), ("openvino", "int8")]
     ceilings = [in_process(model, b, p, images, settings.max_batch_size, settings.threads) for b, p in engines]
     for c in ceilings:
-        print(f"in-process {c['backend']}/{c['precision']}: ceiling {c['ceiling_rps']:.1f} images/s, one image {c['single_ms']:.1f} ms",
-              flush=True)
+        print(f"in-process {c['backend']}/{c['precision']}: ceiling {c['ceiling_rps']:.1f} images/s, CPU {c['cpu_ms']:.1f} ms per image, "
+              f"one image {c['single_ms']:.1f} ms", flush=True)
     ref = max(ceilings, key=lambda c: c["ceiling_rps"])
     print(f"fastest engine on this machine: {ref['backend']}/{ref['precision']}, ceiling {ref['ceiling_rps']:.1f} images/s", flush=True)
 
-    if args.port == 0:
-        with socket.socket() as s: s.bind(("127.0.0.1", 0)); args.port = s.getsockname()[1]
-    server = start_server(model, args.backend, args.port, args.server_arg, args.serve_script)
-    try:
-        ready = httpx.get(f"http://127.0.0.1:{args.port}/ready", timeout=10).json()
-        idle_rss, _ = rss_mb(server.pid)
-        results = [measure(args.port, images, c, args.requests, args.seconds) for c in args.concurrency]
-        loaded_rss, peak_rss = rss_mb(server.pid)
-    finally:
-        server.terminate(); server.wait(timeout=20)
+    # --max-queue 1024: the load levels here must not be refused
+    with serve_process("--model-dir", str(model), "--backend", args.backend, "--precision", args.precision, "--max-queue", "1024",
+                       *args.server_arg, script=args.serve_script) as base:
+        port = int(base.rsplit(":", 1)[1])
+        ready = httpx.get(f"{base}/ready", timeout=10).json()
+        idle_rss, _ = rss_mb(base.pid)
+        results = [measure(port, base.pid, images, c, args.requests, args.seconds) for c in args.concurrency]
+        loaded_rss, peak_rss = rss_mb(base.pid)
     print(f"server engine: {ready['backend']}/{ready['precision']}; RSS idle {idle_rss:.0f} MB, after the load {loaded_rss:.0f} MB "
           f"(peak {peak_rss:.0f} MB, at start-up while auto compares the engines)")
 
-    print(f"\n{'conc':>5} {'requests':>8} {'req/s':>8} {'% ceil':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6}")
+    served = next((c for c in ceilings if (c["backend"], c["precision"]) == (ready["backend"], ready["precision"])), ref)
+    print(f"\n{'conc':>5} {'requests':>8} {'req/s':>8} {'% ceil':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'CPU ms/req':>10}")
     for r in results:
         print(f"{r['concurrency']:>5} {r['requests']:>8} {r['rps']:>8.1f} {100 * r['rps'] / ref['ceiling_rps']:>6.0f}% "
-              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6} {r['mean_batch']:>6.1f}")
+              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6} {r['mean_batch']:>6.1f} {r['cpu_ms']:>10.1f}")
+    print(f"(in-process CPU per image of the served engine {served['backend']}/{served['precision']}: {served['cpu_ms']:.1f} ms)")
     by_c = {r["concurrency"]: r for r in results}
     ok = True
     if 8 in by_c:
@@ -253,6 +240,12 @@ def main(argv=None):
         ok &= held
         print(f"target concurrency 1: p50 <= 1.5 x one image in-process ({1.5 * ref['single_ms']:.1f} ms): "
               f"{'HOLDS' if held else 'MISSED'} (p50 {by_c[1]['p50']:.1f} ms)")
+    if 8 in by_c:
+        overhead = by_c[8]["cpu_ms"] - served["cpu_ms"]
+        held = overhead <= 3
+        ok &= held
+        print(f"target server CPU per request at concurrency 8 <= in-process CPU per image + 3 ms: {'HOLDS' if held else 'MISSED'} "
+              f"({by_c[8]['cpu_ms']:.1f} ms against {served['cpu_ms']:.1f} ms, {overhead:+.1f} ms)")
     held = idle_rss <= 350 and loaded_rss <= 450
     ok &= held
     print(f"target RSS: <= 350 MB idle, <= 450 MB after load: {'HOLDS' if held else 'MISSED'} ({idle_rss:.0f} MB, {loaded_rss:.0f} MB)")

@@ -13,6 +13,8 @@ from typing import Callable
 
 import anyio
 
+from .config import ServingSettings
+
 # %% auto #0
 __all__ = ['BatcherClosed', 'Overloaded', 'DeadlineExceeded', 'MicroBatcher']
 
@@ -29,12 +31,10 @@ class DeadlineExceeded(RuntimeError):
 class MicroBatcher:
     "Collect concurrently submitted inputs into batches for one function run in its own thread; bounded, with a deadline."
     def __init__(self, run_batch:Callable, # list of inputs -> list of results (or exceptions), run in the inference thread
-                 max_batch_size:int=16, # Most inputs per call
-                 wait_ms:float=2.0, # Most a batch smaller than the previous one waits for more inputs
-                 max_queue:int=64, # Most inputs waiting or running; past it `submit` raises `Overloaded`
-                 timeout_s:float|None=None): # Deadline of each input, from `submit`; None: none
-        self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_ms / 1000
-        self.max_queue, self.timeout_s, self.waiting = max_queue, timeout_s, 0  # `waiting`: submitted, not yet answered
+                 settings:ServingSettings|None=None): # `max_batch_size`, `batch_wait_ms`, `max_queue`, `request_timeout_s`
+        s = settings or ServingSettings()
+        self.run_batch, self.max_batch_size, self.wait_s = run_batch, s.max_batch_size, s.batch_wait_ms / 1000
+        self.max_queue, self.timeout_s, self.waiting = s.max_queue, s.request_timeout_s, 0  # `waiting`: submitted, not yet answered
         self.last_size, self.closed = 1, False  # size of the previous batch; set by `close`
         self.loop = asyncio.get_running_loop()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from .config import ModelSettings, TrainingSettings
 from .presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
@@ -133,7 +134,7 @@ class OpenSetHead(nn.Module):
     def __init__(self, num_features:int, # Width of the backbone's features
                  imagenet_head:nn.Module|None=None, # The backbone's ImageNet classifier, if it has one
                  bank_size:int=0, # Training features kept for the nearest-neighbour signal
-                 k:int=5): # Similarity to the k-th nearest training feature
+                 k:int=1): # Similarity to the k-th nearest training feature (`fit_open_set` sets it from the settings)
         super().__init__()
         self.imagenet_head, self.k = imagenet_head, k
         if imagenet_head is not None: imagenet_head.requires_grad_(False)
@@ -172,15 +173,16 @@ def _keeping_threshold(scores:torch.Tensor, keep_rate:float) -> float:
 
 @torch.no_grad()
 def fit_open_set(head:OpenSetHead, train_features:torch.Tensor, val_features:torch.Tensor,
-                 keep_rate:float=0.99, # Share of validation cats and dogs to keep
-                 k:int=5, bank_size:int=4096, slope:float=3.0, offset:float=6.0, seed:int=0) -> OpenSetConfig:
+                 settings:TrainingSettings|None=None) -> OpenSetConfig: # Its `open_set_*` fields (default: `TrainingSettings()`)
     "Fit `head` on training and validation features of cats and dogs; returns the config with the threshold."
+    s = settings or TrainingSettings()
+    keep_rate, k, bank_size = s.open_set_keep_rate, s.open_set_k, s.open_set_bank_size
     if len(train_features) < 1 or len(val_features) < 1: raise ValueError("the open-set head needs training and validation features")
     if keep_rate < 1 and len(val_features) < 1 / (1 - keep_rate):
         warnings.warn(f"only {len(val_features)} validation photos: the open-set threshold keeps all of them, "
                       f"{1 / (1 - keep_rate):.0f} or more are needed to place it at {keep_rate:.1%}")
     if len(train_features) > bank_size:
-        train_features = train_features[torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))[:bank_size]]
+        train_features = train_features[torch.randperm(len(train_features), generator=torch.Generator().manual_seed(s.seed))[:bank_size]]
     head.bank, head.k = F.normalize(train_features.float(), dim=1), min(k, len(train_features))
     head.center.zero_(); head.scale.fill_(1)
     signals = head.signals(val_features)
@@ -189,7 +191,8 @@ def fit_open_set(head:OpenSetHead, train_features:torch.Tensor, val_features:tor
     head.scale.copy_(torch.where(spread > 1e-3, spread, signals.std(0, correction=0).clamp_min(1e-3)))  # few photos: no spread
     if head.imagenet_head is None: head.center[0], head.scale[0] = 0.0, 1.0
     scores = head(val_features)
-    config = OpenSetConfig(threshold=0.0, k=head.k, bank_size=len(train_features), slope=slope, offset=offset, keep_rate=keep_rate)
+    config = OpenSetConfig(threshold=0.0, k=head.k, bank_size=len(train_features), slope=s.open_set_slope, offset=s.open_set_offset,
+                           keep_rate=keep_rate, val_kept=1.0)
     config.threshold = float(config.probability(_keeping_threshold(scores, keep_rate)))
     config.val_kept = float((config.probability(scores.numpy()) >= config.threshold).mean())
     return config
@@ -222,7 +225,7 @@ def build_model(architecture:str="efficientnet_lite0", # A name in `BACKBONES`
         with torch.random.fork_rng(devices=[]):  # built on the CPU, it leaves the random stream of the rest of training untouched
             imagenet_head = spec.imagenet_head(pretrained) if spec.imagenet_head else None
         fitted = open_set if isinstance(open_set, OpenSetConfig) else None
-        head = OpenSetHead(spec.num_features, imagenet_head, fitted.bank_size if fitted else 0, fitted.k if fitted else 5)
+        head = OpenSetHead(spec.num_features, imagenet_head, fitted.bank_size if fitted else 0, fitted.k if fitted else 1)
     return CatsDogsNet(spec.build(pretrained), spec.num_features, num_classes, dropout, head)
 
 # %% ../nbs/03_model.ipynb #f205e4fe
@@ -308,10 +311,10 @@ def demo_artifact(out:Path, # Folder to write the artifact to
     "An untrained artifact of `architecture` for examples, tests and benchmarks."
     pretrained = get_backbone(architecture).weights.startswith("ImageNet")
     model = build_model(architecture, pretrained=pretrained, open_set=bool(open_set_photos)).eval()
-    config = config_for_backbone(architecture, image_size, 0.875)
+    config = config_for_backbone(architecture, image_size, ModelSettings().crop_fraction)
     if open_set_photos:
         preset = Preset.from_config(config)
-        batch = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in open_set_photos])
+        batch = torch.from_numpy(preset.stack(open_set_photos))
         with torch.no_grad(): features = model.backbone(batch)
         config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
     return export_artifact(model, out, config, check_images=list(check_images))

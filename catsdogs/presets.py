@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'make_demo_folder', 'shared_sample', 'demo_data_dir', 'label_of', 'list_images',
-           'ImageError', 'to_rgb', 'load_image', 'OpenSetConfig', 'ModelConfig', 'Preset', 'EvalTransform']
+__all__ = ['CLASS_NAMES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'make_demo_folder', 'shared_sample', 'demo_data_dir', 'sample_photos',
+           'label_of', 'list_images', 'ImageError', 'to_rgb', 'load_image', 'OpenSetConfig', 'ModelConfig', 'Preset',
+           'EvalTransform']
 
 # %% ../nbs/00a_presets.ipynb #f2017b40
 def make_demo_folder(dest:Path, # Folder to create (class subfolders go inside)
@@ -62,7 +63,16 @@ def demo_data_dir() -> Path:
     "The real sample beside the checkout when present, else a generated stand-in."
     return shared_sample() or make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
 
+def sample_photos(label:str, # "cat" or "dog"
+                  n:int, # How many, from the first
+                  data_dir:Path|None=None) -> list[Path]: # Default: `demo_data_dir()`
+    "The first `n` well-formed photos of `label` (`Cat/cat.N.jpg`, by N): what tests, examples and benchmarks pick."
+    folder = Path(data_dir or demo_data_dir())/label.capitalize()
+    return sorted(folder.glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))[:n]
+
 # %% ../nbs/00a_presets.ipynb #fe583459
+CLASS_NAMES = ("cat", "dog")  # the model's outputs, in order: the last one is the positive class (`p_dog`)
+
 def label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
     "The class a relative path names by folder (nearest first) or by Kaggle-style file name."
     for part in reversed(Path(rel_path).parts[:-1]):
@@ -74,7 +84,7 @@ def label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
     return None
 
 def list_images(root:Path, # Folder to scan recursively
-                class_names:tuple[str, ...]=("cat", "dog")) -> list[tuple[str, str|None]]:
+                class_names:tuple[str, ...]=CLASS_NAMES) -> list[tuple[str, str|None]]:
     "Every file under `root` as `(relative POSIX path, label or None)`, sorted by path."
     root = Path(root)
     if not root.is_dir(): raise FileNotFoundError(f"data folder not found: {root}")
@@ -137,12 +147,12 @@ def load_image(source:Path|str|bytes, # A path or the file's bytes
 class OpenSetConfig:
     "The fitted open-set head's numbers, as `model_config.json` records them."
     threshold: float # Answer "neither" when p_cat_or_dog is below this
-    k: int = 5
-    bank_size: int = 0
-    slope: float = 3.0
-    offset: float = 6.0
-    keep_rate: float = 0.99
-    val_kept: float = 1.0 # Share of validation cats and dogs at or above the threshold
+    k: int # Similarity to the k-th nearest training feature
+    bank_size: int # Training features kept
+    slope: float # Platt scaling from score to p_cat_or_dog
+    offset: float
+    keep_rate: float # The share of validation cats and dogs the threshold was placed to keep
+    val_kept: float # Share of validation cats and dogs at or above the threshold
 
     def probability(self, score:np.ndarray) -> np.ndarray:
         "`p_cat_or_dog` for open-set scores."
@@ -157,12 +167,13 @@ class ModelConfig:
     crop_fraction: float # Eval: centre crop's share of the resized shorter side
     mean: tuple # Normalisation of the backbone
     std: tuple
-    class_names: tuple = ("cat", "dog")
+    class_names: tuple = CLASS_NAMES
     temperature: float = 1.0
     dropout: float = 0.2
     open_set: OpenSetConfig|None = None # The fitted open-set head; None: cat or dog only
     dataset_version: str = ""
     metrics: dict = field(default_factory=dict)
+    int8: dict|None = None # What `quantize_artifact` measured of `model.int8.onnx` (see the engines notebook); None: no int8 model
     code_version: str = ""
     created: str = ""
 
@@ -223,6 +234,10 @@ class Preset:
     def eval_array(self, img:Image.Image) -> np.ndarray:
         "The model input for an RGB image: `(3, image_size, image_size)` float32."
         return self.normalize(np.asarray(self.eval_crop(img)))
+
+    def stack(self, sources:list[Path|str|bytes|Image.Image]) -> np.ndarray:
+        "The model inputs of several images (files, bytes or decoded images), stacked `(N, 3, image_size, image_size)`; `ImageError` on a bad one."
+        return np.stack([self.eval_array(s if isinstance(s, Image.Image) else self.load(s)) for s in sources])
 
     def eval_transform(self) -> EvalTransform:
         "`eval_array` as a PyTorch transform (an image to a tensor), for data loaders."

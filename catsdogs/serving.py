@@ -11,7 +11,6 @@ import os
 import secrets
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +19,6 @@ from typing import Annotated, Any, Callable, Literal
 
 import anyio
 import httpx
-import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -191,34 +189,27 @@ class Service:
     guard: Callable
     batcher: MicroBatcher|None = None
     client: httpx.AsyncClient|None = None
-    decoder: ThreadPoolExecutor|None = None
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self):
-        "Create the batcher, its decode threads and the URL client (inside the running event loop)."
+        "Create the batcher and the URL client (inside the running event loop)."
         s = self.settings
-        self.decoder = ThreadPoolExecutor(self.predictor.threads, thread_name_prefix="catsdogs-decode")
-        self.batcher = MicroBatcher(self._run_batch, s.max_batch_size, s.batch_wait_ms, s.max_queue, s.request_timeout_s)
+        self.batcher = MicroBatcher(self._run_batch, s)
         timeout = httpx.Timeout(s.url_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
     async def stop(self):
-        "Close the batcher (queued requests get 503), the URL client and the decode threads."
-        await self.batcher.close(); await self.client.aclose(); self.decoder.shutdown(wait=False)
+        "Close the batcher (queued requests get 503) and the URL client."
+        await self.batcher.close(); await self.client.aclose()
 
     def _run_batch(self, datas:list[bytes]) -> list[tuple[Prediction, str]|Exception]:
-        "Decode a batch in parallel, then one forward pass of the images that decoded (in the inference thread)."
+        "The batch's answers from one `predict_batch` call (in the inference thread); an error fails its own request alone."
         predictor = self.predictor  # a reload swaps it between batches, never within one
-        def decode(data:bytes) -> np.ndarray|Exception:  # an error (`ImageError` for bad images) fails its request alone
-            try: return predictor.preprocess(data, self.settings.max_image_pixels)
-            except Exception as e: return e
-        decoded = [decode(datas[0])] if len(datas) == 1 else list(self.decoder.map(decode, datas))
-        good = [x for x in decoded if isinstance(x, np.ndarray)]
-        if not good: return decoded
-        start = time.perf_counter()
-        predictions = iter(predictor.predict_arrays(np.stack(good)))
-        self.metrics.inference.observe(time.perf_counter() - start); self.metrics.batch_size.observe(len(good))
-        return [(next(predictions), predictor.model_version) if isinstance(x, np.ndarray) else x for x in decoded]
+        answers = predictor.predict_batch(datas, len(datas), self.settings.max_image_pixels, on_forward=self._observe_forward)
+        return [(a, predictor.model_version) if isinstance(a, Prediction) else a for a in answers]
+
+    def _observe_forward(self, size:int, seconds:float):
+        self.metrics.inference.observe(seconds); self.metrics.batch_size.observe(size)
 
     async def predict_bytes(self, data:bytes) -> PredictionOut:
         "Decode and predict in a shared batch, off the event loop; bad images raise a 4xx, overload a 503 `HTTPException`."

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import multiprocessing
 import random
 import time
 from dataclasses import dataclass, field, fields
@@ -26,7 +27,8 @@ from .config import DataSettings, ModelSettings, Settings, TrainingSettings, par
 from .data import ImageDataset, PreparedData, load_prepared, prepare
 from .metrics import classification_metrics, save_figures
 from .model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
-from .presets import ModelConfig, OpenSetConfig, Preset
+from .engines import quantize_artifact
+from .presets import CLASS_NAMES, ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
 __all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'preset_of', 'epoch_seed', 'make_loader', 'warmup_cosine',
@@ -70,7 +72,7 @@ def epoch_seed(seed:int, epoch:int) -> int:
 def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
                 train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:
     "A loader over manifest rows: shuffled and sharded across processes for training, in order otherwise."
-    ds = ImageDataset(rows, root, transform, settings.class_names, draft_size=preset_of(settings).resize_size)
+    ds = ImageDataset(rows, root, transform, CLASS_NAMES, draft_size=preset_of(settings).resize_size)
     generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
     sampler = None
     if train and world_size > 1:
@@ -78,9 +80,12 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
         sampler.set_epoch(epoch)
     workers = settings.num_workers or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     per_process = len(sampler) if sampler is not None else len(ds)
+    # Workers start from a fresh forkserver process, never by forking this one: after inference or an earlier training
+    # run, this process holds OpenMP/TBB thread pools that a forked child would inherit in an undefined state.
+    context = "forkserver" if workers and "forkserver" in multiprocessing.get_all_start_methods() else None
     return DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
                       drop_last=train and per_process > settings.batch_size, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=False, multiprocessing_context=context)
 
 # %% ../nbs/04_training.ipynb #8f969cb5
 def warmup_cosine(optimizer:torch.optim.Optimizer, total_steps:int, warmup_steps:int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -501,9 +506,7 @@ def test_metrics(model:CatsDogsNet, features:dict, settings:Settings) -> tuple[f
     probs = torch.softmax(test_logits / temperature, 1).numpy()
     metrics = classification_metrics(probs, test_targets.numpy())
     metrics["uncalibrated_log_loss"] = nn.functional.cross_entropy(test_logits, test_targets).item()
-    open_set = fit_open_set(model.open_set, features["train"][0], features["val"][0], settings.open_set_keep_rate,
-                            settings.open_set_k, settings.open_set_bank_size, settings.open_set_slope, settings.open_set_offset,
-                            settings.seed)
+    open_set = fit_open_set(model.open_set, features["train"][0], features["val"][0], settings)
     metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
     return temperature, open_set, probs, metrics
 
@@ -514,8 +517,8 @@ def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Te
                          "open_set_val_kept": config.open_set.val_kept})
     if not tracker.enabled: return
     tracker.log_artifacts(out/"figures", "figures")
-    for name in ("model_config.json", "model.onnx", "model.ts", "weights.pt"):
-        tracker.mlflow.log_artifact(str(out/name), "artifact")
+    for name in ("model_config.json", "model.onnx", "model.int8.onnx", "model.ts", "weights.pt"):
+        if (out/name).exists(): tracker.mlflow.log_artifact(str(out/name), "artifact")
     tracker.log_artifacts(out/"check_images", "artifact/check_images")
     tracker.log_model(model, example)
     run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.settings.mlflow_tracking_uri}
@@ -529,13 +532,13 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict,
     model = model.cpu().eval()
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
     test_targets, test_paths = features["test"][1].numpy(), features["test"][2]
-    save_figures(out/"figures", probs, test_targets, test_paths, s.class_names, history=run.state.history)
-    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, class_names=tuple(s.class_names),
-                                 temperature=temperature, open_set=open_set, dataset_version=prepared.version, metrics=metrics)
+    save_figures(out/"figures", probs, test_targets, test_paths, CLASS_NAMES, history=run.state.history)
+    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, temperature=temperature, open_set=open_set, dataset_version=prepared.version, metrics=metrics)
     preset = Preset.from_config(config)
-    example = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in test_paths[:2]])
+    example = torch.from_numpy(preset.stack(test_paths[:2]))
     val_paths = features["val"][2]
     export_artifact(model, out, config, example=example, check_images=val_paths[:: max(1, len(val_paths) // 32)][:32])
+    if s.quantize: config = quantize_artifact(out, features["train"][2], val_paths, features["val"][1].numpy())
     print("test: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
           + f" (n={metrics['n_images']}, T={temperature:.3f})")
     print(f"open set: threshold p_cat_or_dog {open_set.threshold:.3f} keeps {open_set.val_kept:.1%} of validation "

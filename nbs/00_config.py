@@ -59,7 +59,6 @@ class DataSettings(_Section):
     dataset_sha256: str | None = Field(None, description="Expected sha256 of the zip; unset: record it, check only the size")
     cache_dir: Path = Field(Path.home()/".cache"/"catsdogs", description="Where downloads (the dataset, registry models) and their extraction live")
     prepared_dir: Path = Field(Path("artifacts/data"), description="Where `catsdogs_prepare` writes manifest.csv and skipped.csv")
-    class_names: tuple[str, ...] = Field(("cat", "dog"), description="Class names, in output order")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for validation")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for the test split")
     seed: int = Field(42, description="Seed for splits, initialisation and augmentation")
@@ -97,11 +96,15 @@ class TrainingSettings(_Section):
     open_set_bank_size: int = Field(4096, ge=1, description="Open-set head: most training features kept for the nearest-neighbour search")
     open_set_slope: float = Field(3.0, gt=0, description="Open-set head: Platt slope from score to p_cat_or_dog (fitted in development)")
     open_set_offset: float = Field(6.0, description="Open-set head: Platt offset from score to p_cat_or_dog (fitted in development)")
+    quantize: bool = Field(True, description="Also write model.int8.onnx (static int8) and what it measured against f32 on the validation split")
+    int8_calibration_images: int = Field(256, ge=1, description="Training photos that calibrate the int8 model's activation ranges")
 
 class InferenceSettings(_Section):
     "How a model artifact is run (`catsdogs_predict`, `catsdogs_eval`, `catsdogs_serve`)."
     backend: Literal["auto", "onnx", "openvino", "eager", "torchscript"] = Field("auto", description="Inference engine; auto: the fastest of onnx and openvino that agrees with onnx f32 on the model's check photos")
-    precision: Literal["auto", "f32", "bf16"] = Field("auto", description="Compute precision; bf16 needs the openvino backend and a CPU with bf16 units; auto: measured")
+    precision: Literal["auto", "f32", "bf16", "int8"] = Field("auto", description="Compute precision; bf16 needs the openvino backend and a CPU with bf16 units, int8 the artifact's model.int8.onnx; auto: measured")
+    int8_max_accuracy_drop: float = Field(0.001, ge=0, le=1, description="auto serves int8 only if its validation accuracy (stored in the artifact) is at most this far below f32")
+    int8_max_open_set_drop: float = Field(0.01, ge=0, le=1, description="... and only if the share of validation cats and dogs it keeps at the 'neither' threshold is at most this far below f32's")
     tta: bool = Field(False, description="Average the prediction of the image and its mirror")
     open_set: bool = Field(True, description="Answer 'neither' for photos that show no cat or dog; --no-open-set: always cat or dog")
     open_set_threshold: float | None = Field(None, ge=0, le=1, description="Answer 'neither' below this p_cat_or_dog; unset: the model artifact's threshold")
@@ -179,7 +182,6 @@ DataSettings().prepared_dir, ModelSettings().model_dir
 # %%
 settings = Settings()
 test_eq(settings.image_size, 288)
-test_eq(settings.class_names, ("cat", "dog"))
 os.environ["CATSDOGS_IMAGE_SIZE"] = "192"
 test_eq(Settings().image_size, 192)
 del os.environ["CATSDOGS_IMAGE_SIZE"]

@@ -90,10 +90,20 @@ def demo_data_dir() -> Path:
     "The real sample beside the checkout when present, else a generated stand-in."
     return shared_sample() or make_demo_folder(Path(tempfile.mkdtemp(prefix="catsdogs-demo-")))
 
+def sample_photos(label:str, # "cat" or "dog"
+                  n:int, # How many, from the first
+                  data_dir:Path|None=None) -> list[Path]: # Default: `demo_data_dir()`
+    "The first `n` well-formed photos of `label` (`Cat/cat.N.jpg`, by N): what tests, examples and benchmarks pick."
+    folder = Path(data_dir or demo_data_dir())/label.capitalize()
+    return sorted(folder.glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))[:n]
+
 
 # %%
 test_eq(shared_sample("no-such-sample"), None)
 data_dir = demo_data_dir()
+picked = sample_photos("dog", 3, data_dir)
+test_eq((len(picked), all(p.name.startswith("dog.") for p in picked)), (3, True))
+test_eq([int(p.stem.split(".")[1]) for p in picked], sorted(int(p.stem.split(".")[1]) for p in picked))
 data_dir, sorted(p.name for p in data_dir.iterdir())
 
 # %% [markdown]
@@ -104,7 +114,6 @@ with tempfile.TemporaryDirectory() as tmp:
     stand_in = sorted(p.name for p in (make_demo_folder(Path(tmp), n_per_class=8)/"Cat").iterdir())
 stand_in
 
-
 # %% [markdown]
 # ## Finding labelled images
 #
@@ -114,6 +123,8 @@ stand_in
 
 # %%
 #| export
+CLASS_NAMES = ("cat", "dog")  # the model's outputs, in order: the last one is the positive class (`p_dog`)
+
 def label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
     "The class a relative path names by folder (nearest first) or by Kaggle-style file name."
     for part in reversed(Path(rel_path).parts[:-1]):
@@ -125,7 +136,7 @@ def label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
     return None
 
 def list_images(root:Path, # Folder to scan recursively
-                class_names:tuple[str, ...]=("cat", "dog")) -> list[tuple[str, str|None]]:
+                class_names:tuple[str, ...]=CLASS_NAMES) -> list[tuple[str, str|None]]:
     "Every file under `root` as `(relative POSIX path, label or None)`, sorted by path."
     root = Path(root)
     if not root.is_dir(): raise FileNotFoundError(f"data folder not found: {root}")
@@ -246,12 +257,12 @@ test_eq(load_image(buf.getvalue()).size, (20, 40))
 class OpenSetConfig:
     "The fitted open-set head's numbers, as `model_config.json` records them."
     threshold: float # Answer "neither" when p_cat_or_dog is below this
-    k: int = 5
-    bank_size: int = 0
-    slope: float = 3.0
-    offset: float = 6.0
-    keep_rate: float = 0.99
-    val_kept: float = 1.0 # Share of validation cats and dogs at or above the threshold
+    k: int # Similarity to the k-th nearest training feature
+    bank_size: int # Training features kept
+    slope: float # Platt scaling from score to p_cat_or_dog
+    offset: float
+    keep_rate: float # The share of validation cats and dogs the threshold was placed to keep
+    val_kept: float # Share of validation cats and dogs at or above the threshold
 
     def probability(self, score:np.ndarray) -> np.ndarray:
         "`p_cat_or_dog` for open-set scores."
@@ -266,12 +277,13 @@ class ModelConfig:
     crop_fraction: float # Eval: centre crop's share of the resized shorter side
     mean: tuple # Normalisation of the backbone
     std: tuple
-    class_names: tuple = ("cat", "dog")
+    class_names: tuple = CLASS_NAMES
     temperature: float = 1.0
     dropout: float = 0.2
     open_set: OpenSetConfig|None = None # The fitted open-set head; None: cat or dog only
     dataset_version: str = ""
     metrics: dict = field(default_factory=dict)
+    int8: dict|None = None # What `quantize_artifact` measured of `model.int8.onnx` (see the engines notebook); None: no int8 model
     code_version: str = ""
     created: str = ""
 
@@ -291,7 +303,7 @@ class ModelConfig:
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
-    config = ModelConfig("efficientnet_lite0", 288, 0.875, (0.498,) * 3, (0.502,) * 3, open_set=OpenSetConfig(threshold=0.32))
+    config = ModelConfig("efficientnet_lite0", 288, 0.875, (0.498,) * 3, (0.502,) * 3, open_set=OpenSetConfig(0.32, k=5, bank_size=100, slope=3.0, offset=6.0, keep_rate=0.99, val_kept=0.99))
     config.save(Path(tmp)/"model_config.json")
     test_eq(ModelConfig.load(Path(tmp)/"model_config.json"), config)
     (Path(tmp)/"old.json").write_text('{"architecture": "small_cnn", "image_size": 64}')
@@ -360,6 +372,10 @@ class Preset:
         "The model input for an RGB image: `(3, image_size, image_size)` float32."
         return self.normalize(np.asarray(self.eval_crop(img)))
 
+    def stack(self, sources:list[Path|str|bytes|Image.Image]) -> np.ndarray:
+        "The model inputs of several images (files, bytes or decoded images), stacked `(N, 3, image_size, image_size)`; `ImageError` on a bad one."
+        return np.stack([self.eval_array(s if isinstance(s, Image.Image) else self.load(s)) for s in sources])
+
     def eval_transform(self) -> EvalTransform:
         "`eval_array` as a PyTorch transform (an image to a tensor), for data loaders."
         return EvalTransform(self)
@@ -391,6 +407,16 @@ test_eq((preset.resize_size, x.shape, x.dtype), (329, (3, 288, 288), np.float32)
 test_eq(preset.mean, (0.498,) * 3)
 test_eq(min(preset.eval_crop(img).size), 288)
 preset, img.size, x.shape, float(x.mean())
+
+# %% [markdown]
+# `stack` is the same path for a batch: files, bytes or decoded images in, one float32 array out.
+
+# %%
+batch = preset.stack([data_dir/"Dog"/"dog.1.jpg", (data_dir/"Cat"/"cat.1.jpg").read_bytes(), img])
+test_eq(batch.shape, (3, 3, 288, 288))
+test_eq(batch[0], x)
+test_fail(lambda: preset.stack([b"not an image"]), contains="not an image")
+batch.shape
 
 # %% [markdown]
 # The eval path is the same one torchvision writes (the reference the training code used

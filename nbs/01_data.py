@@ -44,7 +44,7 @@ from PIL import ImageOps
 from tqdm import tqdm
 
 from catsdogs.config import DataSettings, Settings, parse_settings, settings_parser
-from catsdogs.presets import (ImageError, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
+from catsdogs.presets import (CLASS_NAMES, ImageError, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
                               make_demo_folder, to_rgb)
 
 # %%
@@ -64,7 +64,7 @@ from catsdogs.presets import Preset
 # %%
 #| export
 def find_images(root:Path, # Folder to scan recursively
-                class_names:tuple[str, ...]=("cat", "dog")) -> pd.DataFrame:
+                class_names:tuple[str, ...]=CLASS_NAMES) -> pd.DataFrame:
     "Every file under `root` with its label (None when neither folder nor name gives one), sorted by path."
     return pd.DataFrame(list_images(root, class_names), columns=["path", "label"])
 
@@ -231,11 +231,11 @@ MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "group", "width", "heigh
 def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Validate, group and split every image under `root`: `(manifest, skipped)`."
     settings = settings or Settings()
-    files = find_images(root, settings.class_names)
+    files = find_images(root, CLASS_NAMES)
     skipped = [(p, "no class folder or class name in the file name") for p in files.path[files.label.isna()]]
     files = files[files.label.notna()]
-    if files.empty: raise ValueError(f"no file under {root} is in a class folder ({', '.join(settings.class_names)}) "
-                                     f"or has a Kaggle-style name such as {settings.class_names[0]}.1.jpg")
+    if files.empty: raise ValueError(f"no file under {root} is in a class folder ({', '.join(CLASS_NAMES)}) "
+                                     f"or has a Kaggle-style name such as {CLASS_NAMES[0]}.1.jpg")
     facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)
     facts["label"] = files.label.values
     bad = facts.reason.notna()
@@ -487,7 +487,7 @@ print(message)
 #| export
 class ImageDataset(torch.utils.data.Dataset):
     "Rows of a manifest as `(tensor, class index)` pairs, loaded with `load_image` and `transform`."
-    def __init__(self, rows:pd.DataFrame, root:Path, transform, class_names:tuple[str, ...]=("cat", "dog"),
+    def __init__(self, rows:pd.DataFrame, root:Path, transform, class_names:tuple[str, ...]=CLASS_NAMES,
                  draft_size:int|None=None):
         self.paths = [Path(root)/p for p in rows.path]
         self.targets = [class_names.index(label) for label in rows.label]

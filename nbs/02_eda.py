@@ -22,7 +22,7 @@ import torch
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by libraries) without ipywidgets
 from catsdogs.config import Settings
 from catsdogs.data import build_manifest, demo_data_dir, find_images
-from catsdogs.presets import IMAGENET_MEAN, IMAGENET_STD, Preset
+from catsdogs.presets import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, Preset
 
 # %%
 #| hide
@@ -44,7 +44,7 @@ pd.set_option("display.max_colwidth", 90)
 settings = Settings()
 data_dir = settings.data_dir or demo_data_dir()
 manifest, skipped = build_manifest(data_dir, settings, progress=False)
-test_eq(len(manifest) + len(skipped), len(find_images(data_dir, settings.class_names)))
+test_eq(len(manifest) + len(skipped), len(find_images(data_dir, CLASS_NAMES)))
 test_eq(set(manifest.path) & set(skipped.path), set())
 print(f"{data_dir.name}: {len(manifest):,} usable images, {len(skipped):,} skipped")
 manifest.head(3)

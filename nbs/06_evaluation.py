@@ -174,7 +174,7 @@ sorted(p.name for p in figures.iterdir())
 # alone, and asking for outliers is a clear error:
 
 # %%
-closed = Predictor(trained.model_dir, open_set=False)
+closed = Predictor(trained.model_dir, InferenceSettings(open_set=False))
 test_fail(lambda: evaluate_folder(closed, test_split, neither, progress=False), contains="--ood-dir needs the open set")
 sorted(evaluate_folder(closed, test_split, progress=False))
 

@@ -33,6 +33,8 @@ from typing import Callable
 
 import anyio
 
+from catsdogs.config import ServingSettings
+
 # %%
 #| hide
 from fastcore.test import test_eq
@@ -66,12 +68,10 @@ class DeadlineExceeded(RuntimeError):
 class MicroBatcher:
     "Collect concurrently submitted inputs into batches for one function run in its own thread; bounded, with a deadline."
     def __init__(self, run_batch:Callable, # list of inputs -> list of results (or exceptions), run in the inference thread
-                 max_batch_size:int=16, # Most inputs per call
-                 wait_ms:float=2.0, # Most a batch smaller than the previous one waits for more inputs
-                 max_queue:int=64, # Most inputs waiting or running; past it `submit` raises `Overloaded`
-                 timeout_s:float|None=None): # Deadline of each input, from `submit`; None: none
-        self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_ms / 1000
-        self.max_queue, self.timeout_s, self.waiting = max_queue, timeout_s, 0  # `waiting`: submitted, not yet answered
+                 settings:ServingSettings|None=None): # `max_batch_size`, `batch_wait_ms`, `max_queue`, `request_timeout_s`
+        s = settings or ServingSettings()
+        self.run_batch, self.max_batch_size, self.wait_s = run_batch, s.max_batch_size, s.batch_wait_ms / 1000
+        self.max_queue, self.timeout_s, self.waiting = s.max_queue, s.request_timeout_s, 0  # `waiting`: submitted, not yet answered
         self.last_size, self.closed = 1, False  # size of the previous batch; set by `close`
         self.loop = asyncio.get_running_loop()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -165,7 +165,7 @@ def double(xs):
     sizes.append(len(xs)); time.sleep(0.01)
     return [ValueError(f"no {x}") if x < 0 else x * 2 for x in xs]
 
-batcher = MicroBatcher(double, max_batch_size=4)
+batcher = MicroBatcher(double, ServingSettings(max_batch_size=4))
 results = await asyncio.gather(*(batcher.submit(i) for i in [0, 1, 2, -3, 4, 5, 6, 7]), return_exceptions=True)
 await batcher.close()
 test_eq(results[:3] + results[4:], [0, 2, 4, 8, 10, 12, 14])
@@ -182,7 +182,7 @@ sizes
 async def submit_later(x, delay:float):
     await asyncio.sleep(delay); return await batcher.submit(x)
 
-batcher = MicroBatcher(double, max_batch_size=8, wait_ms=300)
+batcher = MicroBatcher(double, ServingSettings(max_batch_size=8, batch_wait_ms=300))
 await asyncio.gather(batcher.submit(0), batcher.submit(1))  # batches of 2 from here on
 sizes.clear()
 await asyncio.gather(batcher.submit(2), submit_later(3, 0.05))
@@ -202,7 +202,7 @@ except BatcherClosed as e: test_eq(str(e), "the server is shutting down")
 # %%
 ran = []
 def slow(xs): ran.extend(xs); time.sleep(0.4); return xs
-batcher = MicroBatcher(slow, max_batch_size=1, max_queue=3, timeout_s=0.6)
+batcher = MicroBatcher(slow, ServingSettings(max_batch_size=1, max_queue=3, request_timeout_s=0.6))
 results = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
 await batcher.close()
 test_eq([type(r).__name__ for r in results], ["int", "DeadlineExceeded", "DeadlineExceeded", "Overloaded", "Overloaded"])

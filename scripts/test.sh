@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 # OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep instead of spinning, so the servers
 # and clients that the tests run side by side on two cores do not starve each other.
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE
+# PYTHONFAULTHANDLER: a process that crashes prints its Python stack.
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE PYTHONFAULTHANDLER=1
 
 echo "== 1/5 notebook pairs (.ipynb <-> percent .py) in sync, README from nbs/index.ipynb"
 python scripts/check_pairs.py
@@ -23,8 +24,8 @@ if [ "$(snapshot)" != "$before" ]; then
   exit 1
 fi
 
-echo "== 3/5 every notebook runs top to bottom (nbdev_test)"
-nbdev_test --n_workers 2
+echo "== 3/5 every notebook runs top to bottom, each in a fresh process (nbdev_test per notebook)"
+python scripts/test_notebooks.py
 
 echo "== 4/5 docs: every exported symbol documented with an example and its output, the sidebar complete, then every step short of the Quarto render"
 python scripts/check_docs.py

@@ -1,5 +1,6 @@
-"""Shared helpers of the inference, serving and web tests: a demo model artifact (built once per
-process), a real uvicorn server in a background thread, a local HTTP file server, test images."""
+"""The test and benchmark kit of the inference, serving and web tests and of `benchmarks/bench_serve.py`: a demo model
+artifact (built once per process), sample photos, a real uvicorn server in a background thread or `catsdogs_serve` in a
+process of its own, a local HTTP file server, odd images, and Prometheus readings."""
 import http.server
 import io
 import socket
@@ -14,7 +15,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from catsdogs.model import demo_artifact as export_demo_artifact
-from catsdogs.presets import shared_sample
+from catsdogs.presets import sample_photos, shared_sample
 
 SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, or None
 
@@ -32,8 +33,7 @@ def demo_artifact(architecture: str = "small_cnn") -> Path:
 
 def sample_images(sample_dir: Path, label: str, n: int) -> list[Path]:
     "The first `n` well-formed `cat.N.jpg` / `dog.N.jpg` photos of the sample."
-    folder = sample_dir / label.capitalize()
-    return sorted(folder.glob(f"{label}.*.jpg"), key=lambda p: int(p.stem.split(".")[1]))[:n]
+    return sample_photos(label, n, sample_dir)
 
 
 def free_socket() -> socket.socket:
@@ -63,15 +63,21 @@ def run_server(app, timeout: float = 60, **config):
         sock.close()
 
 
+class Served(str):
+    "The base URL of a server started by `serve_process`, with the process id (`pid`) for CPU and memory readings."
+    pid: int
+
+
 @contextmanager
-def serve_process(*args: str, timeout: float = 120):
-    "`catsdogs_serve ARGS` in its own process on a free port of 127.0.0.1, until /ready answers; yields its base URL."
+def serve_process(*args: str, script: str | None = None, timeout: float = 120):
+    """`catsdogs_serve ARGS` (this environment's, or the console script `script` of another) in its own process on a
+    free port of 127.0.0.1, until /ready answers; yields its base URL (a `Served`)."""
     import subprocess, sys, httpx
     sock = free_socket(); port = sock.getsockname()[1]; sock.close()
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-c", "from catsdogs.serving import serve_cli; serve_cli()", *args, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block the server
+    command = [script] if script else [sys.executable, "-c", "from catsdogs.serving import serve_cli; serve_cli()"]
+    proc = subprocess.Popen([*command, *args, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = Served(f"http://127.0.0.1:{port}"); base.pid = proc.pid
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -2,6 +2,7 @@
 128 px) on photos it never saw, measured as served (`evaluate_folder` through the `Predictor`, ONNX Runtime)."""
 from catsdogs.data import load_prepared
 from catsdogs.evaluation import evaluate_folder
+from catsdogs.config import InferenceSettings
 from catsdogs.inference import Predictor
 
 
@@ -13,6 +14,6 @@ def test_accuracy_floor_on_photos_the_model_never_saw(floor_model, tmp_path):
     test = prepared.split("test")
     for path, label in zip(test.path, test.label):
         link = tmp_path / label / path.replace("/", "_"); link.parent.mkdir(exist_ok=True); link.symlink_to(prepared.root / path)
-    metrics = evaluate_folder(Predictor(floor_model, backend="onnx"), tmp_path, progress=False)
+    metrics = evaluate_folder(Predictor(floor_model, InferenceSettings(backend="onnx")), tmp_path, progress=False)
     assert metrics["n_images"] == len(test) >= 150
     assert metrics["accuracy"] >= 0.92 and metrics["log_loss"] <= 0.25 and metrics["roc_auc"] >= 0.97, metrics

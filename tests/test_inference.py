@@ -11,7 +11,9 @@ import torch
 
 from torchvision.transforms import v2 as T
 
-from catsdogs.inference import AUTO_BACKENDS, BACKENDS, Prediction, Predictor, predict_cli, softmax
+from catsdogs.config import InferenceSettings
+from catsdogs.engines import AUTO_BACKENDS, BACKENDS, softmax
+from catsdogs.inference import Prediction, Predictor, predict_cli
 from catsdogs.model import load_model
 from catsdogs.presets import ModelConfig, Preset
 from helpers_serving import demo_artifact, odd_images, sample_images
@@ -36,24 +38,24 @@ def small():
 def test_every_backend_matches_eager_on_real_photos(effnet, photos):
     model, config = load_model(effnet)
     preset = Preset.from_config(config)
-    x = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in photos])
+    x = torch.from_numpy(preset.stack(photos))
     with torch.no_grad(): expected = softmax(model(x).numpy(), config.temperature)
     for backend in BACKENDS:
-        predictor = Predictor(effnet, backend=backend, precision="f32")
+        predictor = Predictor(effnet, InferenceSettings(backend=backend, precision="f32"))
         assert (predictor.backend, predictor.precision) == (backend, "f32")
         got = np.array([[p.probabilities["cat"], p.probabilities["dog"]] for p in predictor.predict_batch(photos)])
         assert np.abs(got - expected).max() < 1e-3, backend
 
 
 def test_auto_picks_the_fastest_matching_backend_and_says_so(effnet, photos, caplog):
-    with caplog.at_level(logging.INFO, logger="catsdogs.inference"):
-        predictor = Predictor(effnet, backend="auto")
+    with caplog.at_level(logging.INFO, logger="catsdogs.engines"):
+        predictor = Predictor(effnet, InferenceSettings(backend="auto"))
     chosen = f"{predictor.backend}/{predictor.precision}"
     assert predictor.backend in AUTO_BACKENDS and set(predictor.timings) >= {"onnx/f32", "openvino/f32"}
     assert predictor.timings[chosen] == min(predictor.timings.values())
-    assert f"backend auto: chose {chosen}" in caplog.text and "check_images" not in caplog.text  # real check photos
+    assert f"engine auto: chose {chosen}" in caplog.text and "check_images" not in caplog.text  # real check photos
     assert "torch" not in predictor.run.__module__
-    eager = Predictor(effnet, backend="eager")
+    eager = Predictor(effnet, InferenceSettings(backend="eager"))
     assert abs(predictor.predict(photos[0]).p_dog - eager.predict(photos[0]).p_dog) < 1e-3
 
 
@@ -70,7 +72,7 @@ def test_preprocessing_is_torchvisions_eval_transform_pixel_for_pixel(sample_dir
 
 
 def test_predictor_uses_the_artifacts_preset(small, photos):
-    predictor = Predictor(small, backend="onnx")
+    predictor = Predictor(small, InferenceSettings(backend="onnx"))
     preset = Preset.from_config(predictor.config)
     expected = preset.eval_array(preset.load(photos[0]))
     assert np.array_equal(predictor.preprocess(photos[0]), expected)
@@ -78,7 +80,7 @@ def test_predictor_uses_the_artifacts_preset(small, photos):
 
 
 def test_prediction_fields_and_batch_equals_single(small, photos):
-    predictor = Predictor(small, backend="onnx")
+    predictor = Predictor(small, InferenceSettings(backend="onnx"))
     batch = predictor.predict_batch(photos, batch_size=4)
     for path, p in zip(photos, batch):
         assert isinstance(p, Prediction)
@@ -93,14 +95,14 @@ def test_stored_temperature_is_applied(small, photos, tmp_path):
     hot = tmp_path / "hot"
     shutil.copytree(small, hot)
     config = ModelConfig.load(hot / "model_config.json"); config.temperature = 3.0; config.save(hot / "model_config.json")
-    plain, calibrated = Predictor(small, backend="eager"), Predictor(hot, backend="eager")
+    plain, calibrated = Predictor(small, InferenceSettings(backend="eager")), Predictor(hot, InferenceSettings(backend="eager"))
     x = plain.preprocess(photos[0])[None]
     logits = plain.run(x)[0]
     assert np.allclose(calibrated.probabilities(x), softmax(logits / 3.0), atol=1e-6)
 
 
 def test_flip_tta_averages_image_and_mirror(small, photos):
-    plain, tta = Predictor(small, backend="eager"), Predictor(small, backend="eager", tta=True)
+    plain, tta = Predictor(small, InferenceSettings(backend="eager")), Predictor(small, InferenceSettings(backend="eager", tta=True))
     x = plain.preprocess(photos[3])[None]
     expected = (plain.probabilities(x) + plain.probabilities(np.ascontiguousarray(x[..., ::-1]))) / 2
     assert np.allclose(tta.probabilities(x), expected, atol=1e-6)
@@ -108,7 +110,7 @@ def test_flip_tta_averages_image_and_mirror(small, photos):
 
 
 def test_odd_but_valid_images_predict(small, photos):
-    predictor = Predictor(small, backend="onnx")
+    predictor = Predictor(small, InferenceSettings(backend="onnx"))
     for name, data in odd_images(photos[0]).items():
         assert 0 <= predictor.predict(data).p_dog <= 1, name
 
@@ -136,7 +138,7 @@ def test_predict_console_script(small, photos, tmp_path):
     out = done.stdout.splitlines()
     assert out[0].startswith(f"{photos[0]}: ") and out[0].split(": ")[1].split()[0] in ("cat", "dog")
     assert out[1] == f"{empty}: error: empty file"
-    assert "backend auto: chose" in done.stderr
+    assert "engine auto: chose" in done.stderr
 
 
 def test_predict_cli_exit_code_zero_when_all_files_are_images(small, photos, capsys):

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from catsdogs.config import Settings
+from catsdogs.config import InferenceSettings, Settings
 from catsdogs.presets import Preset
 from catsdogs.inference import Predictor
 from catsdogs.model import load_model
@@ -92,8 +92,8 @@ def test_closed_set_setting_restores_two_way_answers(open_set_model, not_pets):
 
 
 def test_threshold_override_at_serving_time(open_set_model, pets):
-    strict = Predictor(open_set_model, backend="onnx", open_set_threshold=1.0)
-    lenient = Predictor(open_set_model, backend="onnx", open_set_threshold=0.0)
+    strict = Predictor(open_set_model, InferenceSettings(backend="onnx", open_set_threshold=1.0))
+    lenient = Predictor(open_set_model, InferenceSettings(backend="onnx", open_set_threshold=0.0))
     assert strict.predict(pets["cat"][0]).label == "neither" and lenient.predict(pets["cat"][0]).label == "cat"
 
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from catsdogs.batching import BatcherClosed, MicroBatcher
-from catsdogs.config import Settings
+from catsdogs.config import InferenceSettings, ServingSettings, Settings
 from catsdogs.http_input import fetch_url
 from catsdogs.inference import Predictor
 from catsdogs.serving import create_app
@@ -185,7 +185,7 @@ def test_an_upload_over_the_limit_is_refused_before_the_body_is_read(effnet):
 def test_close_answers_every_queued_request_503_and_run_batch_errors_reach_every_request():
     async def scenario():
         def slow(xs): time.sleep(0.2); return xs
-        batcher = MicroBatcher(slow, max_batch_size=1)
+        batcher = MicroBatcher(slow, ServingSettings(max_batch_size=1))
         tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
         await asyncio.sleep(0.05)  # the first is running, four are queued
         await batcher.close()
@@ -195,7 +195,7 @@ def test_close_answers_every_queued_request_503_and_run_batch_errors_reach_every
             calls.append(len(xs))
             if len(calls) == 1: raise MemoryError("the whole batch failed")
             return [x * 10 for x in xs]
-        batcher = MicroBatcher(failing, max_batch_size=8, wait_ms=50)
+        batcher = MicroBatcher(failing, ServingSettings(max_batch_size=8, batch_wait_ms=50))
         failed = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
         after = await batcher.submit(4)  # the batcher carries on
         await batcher.close()
@@ -249,10 +249,10 @@ def test_a_truncated_model_onnx_stops_start_up_unless_another_backend_is_asked(e
     shutil.copytree(effnet, broken)
     data = (broken / "model.onnx").read_bytes(); (broken / "model.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="cannot load .*model.onnx"):
-        Predictor(broken, backend="auto")
+        Predictor(broken, InferenceSettings(backend="auto"))
     with pytest.raises(RuntimeError, match="cannot load .*model.onnx"):
-        Predictor(broken, backend="openvino")
-    assert Predictor(broken, backend="torchscript").backend == "torchscript"
+        Predictor(broken, InferenceSettings(backend="openvino"))
+    assert Predictor(broken, InferenceSettings(backend="torchscript")).backend == "torchscript"
     done = subprocess.run([sys.executable, "-c", "from catsdogs.serving import serve_cli; serve_cli()", "--model-dir", str(broken),
                            "--port", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "model.onnx" in done.stderr

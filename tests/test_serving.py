@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from catsdogs.config import Settings
+from catsdogs.config import InferenceSettings, Settings
 from catsdogs.http_input import refusal_reason
 from catsdogs.inference import Predictor
 from catsdogs.serving import create_app
@@ -39,7 +39,7 @@ def artifact():
 
 @pytest.fixture(scope="module")
 def predictor(artifact):
-    return Predictor(artifact, backend="onnx")
+    return Predictor(artifact, InferenceSettings(backend="onnx"))
 
 
 def make_settings(artifact, **kwargs):

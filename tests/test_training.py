@@ -3,6 +3,7 @@ match eager, exact resume, DDP with two gloo processes, and the offline weight p
 import json
 import os
 import subprocess
+import sys
 
 import mlflow
 import onnxruntime as ort
@@ -69,7 +70,7 @@ def test_exports_match_eager_on_real_images(trained, sample_dir):
     model, config = load_model(model_dir)
     preset = Preset.from_config(config)
     paths = sorted((sample_dir / "Cat").glob("cat.*.jpg"))[:4] + sorted((sample_dir / "Dog").glob("dog.*.jpg"))[:4]
-    x = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in paths])
+    x = torch.from_numpy(preset.stack(paths))
     with torch.no_grad():
         eager = model.forward_open_set(x)
         scripted = torch.jit.load(str(model_dir / "model.ts"))(x)
@@ -141,3 +142,28 @@ def test_start_up_mistakes_are_one_line_errors(small_sample_dir, tmp_path):
         result = subprocess.run(["catsdogs_train", "--data-dir", str(small_sample_dir), "--no-mlflow", *flags],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_training_twice_in_one_process_after_inference(small_sample_dir, tmp_path):
+    """As in a Jupyter kernel: OpenVINO and ONNX Runtime answer first (their thread pools are up), then two trainings
+    with a loader worker process each, then inference again. Loader workers start from a forkserver, never by
+    forking this many-threaded process, so nothing inherits a thread pool in an undefined state."""
+    code = f"""
+import sys
+from pathlib import Path
+from catsdogs.config import InferenceSettings, Settings
+from catsdogs.inference import Predictor
+from catsdogs.model import demo_artifact
+from catsdogs.training import train
+photo = sorted(Path({str(small_sample_dir)!r}).glob("Cat/cat.*.jpg"))[0]
+artifact = demo_artifact(Path({str(tmp_path)!r}) / "demo", "small_cnn", 64, check_images=[photo])
+for backend in ("openvino", "onnx", "auto"): Predictor(artifact, InferenceSettings(backend=backend)).predict(photo)
+for run in range(2):
+    settings = Settings(data_dir={str(small_sample_dir)!r}, model_dir=Path({str(tmp_path)!r}) / f"model{{run}}", architecture="small_cnn",
+                        image_size=64, epochs=1, freeze_epochs=0, batch_size=16, num_workers=1, quantize=run == 1)
+    result = train(settings, mlflow=False, progress=False)
+    print("trained", run, Predictor(result.model_dir).predict(photo).label, flush=True)
+"""
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}: " + done.stderr[-3000:]
+    assert "trained 0" in done.stdout and "trained 1" in done.stdout

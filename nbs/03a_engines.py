@@ -1,0 +1,612 @@
+# %%
+#| default_exp engines
+
+# %% [markdown]
+# # Engines
+#
+# > The engines a model artifact runs on (ONNX Runtime, OpenVINO, TorchScript, eager PyTorch) in f32, bf16 or int8, the choice of the fastest that agrees with the reference on this machine, and the int8 model that training quantizes and measures.
+
+# %% [markdown]
+# An **engine** is a backend and a precision, such as `onnx/f32` or `openvino/int8`: a
+# function from a preprocessed float32 batch `(N, 3, H, W)` to the graph's outputs, the logits
+# and, when the artifact has an open-set head, its score. The `Predictor` of the inference
+# stage builds one engine at load time with `choose_engine` and then only calls it; everything
+# about images, calibration and answers lives there.
+#
+# | file in the artifact | engines |
+# |---|---|
+# | `model.onnx` | `onnx/f32`, `openvino/f32`, `openvino/bf16` (CPUs with bf16 units) |
+# | `model.int8.onnx` | `onnx/int8`, `openvino/int8` |
+# | `model.ts` | `torchscript/f32` (needs PyTorch) |
+# | `weights.pt` | `eager/f32` (needs PyTorch) |
+#
+# Only the engines that need no PyTorch take part in `auto`, so `pip install "catsdogs[serve]"`
+# is enough to serve. Quantizing needs the `onnx` package (in the `train` extra).
+
+# %%
+#| export
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from catsdogs.config import InferenceSettings, TrainingSettings
+from catsdogs.presets import ModelConfig, OpenSetConfig, Preset
+
+# %%
+#| hide
+import warnings
+from fastcore.test import test_eq, test_fail, test_close
+from catsdogs.presets import demo_data_dir
+from catsdogs.model import demo_artifact
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices
+
+# %%
+#| export
+logger = logging.getLogger("catsdogs.engines")
+
+# %% [markdown]
+# Examples run on a small untrained artifact in a temporary folder, its open-set head fitted on
+# a few sample photos (its predictions are meaningless, but every engine must still agree
+# with the reference), and on the image sample.
+
+# %%
+tmp = tempfile.TemporaryDirectory()
+data_dir = demo_data_dir()
+photos = sorted((data_dir/"Cat").glob("cat.*.jpg"))[:12] + sorted((data_dir/"Dog").glob("dog.*.jpg"))[:12]
+artifact = demo_artifact(Path(tmp.name)/"model", "small_cnn", 96, check_images=photos[::3], open_set_photos=photos)
+config = ModelConfig.load(artifact/"model_config.json")
+preset = Preset.from_config(config)
+sorted(p.name for p in artifact.iterdir())
+
+
+# %% [markdown]
+# Probabilities come from logits by a softmax with the artifact's temperature (fitted on the
+# validation split at training time); the comparisons below are made on them, as the answers are.
+
+# %%
+#| export
+def softmax(logits:np.ndarray, temperature:float=1.0) -> np.ndarray:
+    "Class probabilities from logits, calibrated by dividing by `temperature` first."
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+# %%
+test_close(softmax(np.array([[0.0, 2.0]]), temperature=2.0)[0, 1], 1/(1 + np.exp(-1)), eps=1e-9)
+softmax(np.array([[0.0, 2.0], [3.0, 0.0]]))
+
+# %% [markdown]
+# ## Engines
+#
+# Each engine is a function from a float32 batch `(N, 3, H, W)` to a tuple: logits
+# `(N, classes)` and, when the artifact has a fitted open-set head, its score `(N,)`.
+# `default_threads` is the number of cores this process may use, unless the settings say
+# otherwise. ONNX Runtime's threads sleep rather than spin when idle, and OpenVINO's are not
+# pinned to cores, so both leave the cores to image decoding between batches. OpenVINO runs a
+# single stream with `threads` threads: one batch at a time, which is how the service feeds it
+# (the micro-batcher makes the batches; see the batching notebook).
+
+# %%
+#| export
+BACKENDS = ("onnx", "openvino", "eager", "torchscript")
+AUTO_BACKENDS = ("onnx", "openvino")  # what `auto` chooses among: the engines that need no PyTorch
+PRECISIONS = ("f32", "bf16", "int8")  # int8: the artifact's model.int8.onnx (see "int8" below)
+
+def default_threads(threads:int=0) -> int:
+    "`threads` if positive, else the cores this process may run on."
+    if threads > 0: return threads
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+@functools.cache  # the CPU does not change: ask once per process
+def openvino_precisions() -> tuple[str, ...]:
+    "What OpenVINO's CPU plugin computes in on this machine: `f32`, and `bf16` where the CPU has bf16 units (AMX, AVX-512 BF16)."
+    import openvino as ov
+    return ("f32", "bf16") if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ("f32",)
+
+def _numpy_outputs(out) -> tuple:
+    "A graph's output(s) as a tuple of NumPy arrays."
+    return tuple(o.numpy() for o in out) if isinstance(out, (tuple, list)) else (out.numpy(),)
+
+def _eager_runner(model_dir:Path, threads:int) -> Callable:
+    "Eager PyTorch in channels-last memory format (faster for convolutions on CPU)."
+    import torch
+    from catsdogs.model import load_model
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)[0].to(memory_format=torch.channels_last)
+    forward = model.forward_open_set if model.open_set is not None and model.open_set.bank.numel() > 0 else model
+    def run(x):
+        with torch.inference_mode(): return _numpy_outputs(forward(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)))
+    return run
+
+def _torchscript_runner(path:Path, threads:int) -> Callable:
+    "The traced TorchScript graph `model.ts`."
+    import torch
+    torch.set_num_threads(threads)
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+    def run(x):
+        with torch.inference_mode(): return _numpy_outputs(module(torch.from_numpy(x)))
+    return run
+
+def _onnx_runner(path:Path, threads:int) -> Callable:
+    "ONNX Runtime on `model.onnx`, `threads` intra-op threads that sleep rather than spin when idle."
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.enable_mem_pattern = False  # measured: a plan per batch size held 567 MB after a batch of 16, without it 390 MB, no slower
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    return lambda x: tuple(session.run(outputs, {"images": x}))
+
+def _openvino_runner(path:Path, threads:int, precision:str) -> Callable:
+    "OpenVINO on an ONNX graph: one stream of `threads` unpinned threads, computing in `precision` (int8: as the graph's QDQ nodes say)."
+    import openvino as ov
+    if precision == "bf16" and precision not in openvino_precisions():
+        raise ValueError(f"OpenVINO has no {precision} on this CPU (it offers {', '.join(openvino_precisions())})")
+    hint = "bf16" if precision == "bf16" else "f32"  # int8 layers run in int8 whatever the hint; the rest stays f32
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
+                                                           "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False})
+    request, lock = compiled.create_infer_request(), threading.Lock()
+    def run(x):
+        with lock:  # one request, reused; its output buffers are copied out before the next call
+            result = request.infer({0: x})
+            return tuple(np.array(result[o]) for o in compiled.outputs)
+    return run
+
+_FILES = {"onnx": "model.onnx", "openvino": "model.onnx", "torchscript": "model.ts", "eager": "weights.pt"}
+INT8_FILE = "model.int8.onnx"
+
+def engine_file(backend:str, precision:str="f32") -> str:
+    "The artifact file that `backend` runs in `precision`."
+    return INT8_FILE if precision == "int8" else _FILES[backend]
+
+def make_runner(backend:str, # One of `BACKENDS`
+                model_dir:Path, # The artifact directory
+                threads:int=0, # Inference threads; 0: one per core
+                precision:str="f32") -> Callable: # `f32`; `bf16` (OpenVINO); `int8` (ONNX Runtime or OpenVINO)
+    "A `batch -> (logits, open-set score)` function for `backend` on the artifact in `model_dir` (logits alone without an open-set head)."
+    model_dir, threads = Path(model_dir), default_threads(threads)
+    if backend not in BACKENDS: raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+    if precision not in PRECISIONS: raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS} or 'auto'")
+    if precision == "bf16" and backend != "openvino": raise ValueError(f"{backend} has no bf16; bf16 needs --backend openvino")
+    if precision == "int8" and backend not in AUTO_BACKENDS: raise ValueError(f"{backend} has no int8; int8 needs --backend onnx or openvino")
+    path = model_dir/engine_file(backend, precision)
+    if not path.is_file():
+        hint = " (quantize it: python scripts/quantize_model.py MODEL_DIR)" if precision == "int8" else ""
+        raise FileNotFoundError(f"no {path.name} in {model_dir}{hint}")
+    if backend == "eager": return _eager_runner(model_dir, threads)
+    if backend == "torchscript": return _torchscript_runner(path, threads)
+    if backend == "openvino": return _openvino_runner(path, threads, precision)
+    return _onnx_runner(path, threads)
+
+
+# %% [markdown]
+# All four give the same outputs on the same batch, to float32 rounding. Rounding depends on
+# the order of the sums, which differs between engines and with the thread count, so the
+# comparison allows 1e-3 relative to the outputs' size, the same `atol` as the agreement rule
+# below (the differences seen are about 1e-4 on logits of size 3).
+
+# %%
+test_eq(default_threads(3), 3)
+test_eq((engine_file("onnx"), engine_file("openvino", "int8"), engine_file("eager")), ("model.onnx", "model.int8.onnx", "weights.pt"))
+default_threads(), openvino_precisions()
+
+# %%
+x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
+outputs = {b: make_runner(b, artifact)(x) for b in BACKENDS}
+for b in BACKENDS:
+    test_eq(len(outputs[b]), 2)  # logits and the open-set score
+    for got, expected in zip(outputs[b], outputs["eager"]): test_close(got / (1 + np.abs(expected)), expected / (1 + np.abs(expected)), eps=1e-3)
+test_fail(lambda: make_runner("tensorrt", artifact), contains="choose one of")
+test_fail(lambda: make_runner("onnx", artifact, precision="bf16"), contains="needs --backend openvino")
+test_fail(lambda: make_runner("onnx", artifact, precision="int8"), contains="no model.int8.onnx")
+{b: o[0][0].round(4) for b, o in outputs.items()}, openvino_precisions()
+
+
+# %% [markdown]
+# ## Choosing an engine
+#
+# `auto` chooses by measurement, on the machine that serves, never by assumption about its
+# CPU. The candidates are ONNX Runtime and OpenVINO in f32, OpenVINO in bf16 where the CPU has
+# bf16 units, and both in int8 when the artifact has an int8 model whose stored validation
+# figures are within the settings' tolerance (see "int8" below). Eager and TorchScript would
+# load PyTorch into the process, and were never the fastest. Each must first
+# **agree** with the reference, ONNX Runtime in f32 (which the export checked against eager
+# PyTorch), on the artifact's check photos:
+# real validation cats and dogs written by training (older artifacts without them get synthetic
+# patterns, and a warning):
+#
+# - an **f32** engine computes the same function in a different order: its probabilities (and
+#   the open-set score, compared as `s / (1 + |s|)`) must match within `atol` = 1e-3;
+# - a **bf16** engine rounds every activation to 8 significant bits. Measured on an
+#   AMX Xeon with the default model (EfficientNet-Lite0, 288 px), that moves calibrated
+#   probabilities by up to 0.039, with every label unchanged; an element-wise 1e-3 would refuse
+#   it for no loss of accuracy. It must agree within `reduced_atol` = 0.05 on the probabilities
+#   and on `p_cat_or_dog`, and give the same answer (cat, dog or neither) on every photo,
+#   except one the reference itself places within 0.05 of a decision boundary (such a photo is
+#   a coin flip, and rounding may flip it).
+# - an **int8** engine rounds activations to 256 levels per tensor and weights per channel.
+#   Its accuracy was measured against f32 on the whole validation split when it was made
+#   (stored in the artifact); here it only has to show that this CPU computes what was
+#   measured: the same rule as bf16 with a `reduced_atol` of 0.1 (CPUs without VNNI compute
+#   int8 products with 16-bit intermediate sums, which can saturate; a broken engine moves
+#   answers, not only probabilities).
+#
+# Then each agreeing candidate is **timed** on a batch of one and a batch of eight (warm-up
+# first, within a small time budget, so a slow engine cannot hold up start-up), and the fastest
+# by the sum is kept. A candidate that fails to load or disagrees is skipped, with the reason
+# logged.
+
+# %%
+#| export
+def calibration_images(n:int=4, seed:int=0) -> list[Image.Image]:
+    "Deterministic test images of varied sizes: smooth gradients plus noise, so every layer sees signal."
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        h, w = 160 + 40*i, 300 - 30*i
+        grad = np.linspace(0, 255, w)[None, :, None] * np.array([1.0, 0.5 + 0.1*i, 0.2])[None, None, :]
+        pixels = np.clip(grad + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels))
+    return images
+
+def check_batch(model_dir:Path, preset:Preset) -> tuple[np.ndarray, bool]:
+    "The artifact's check photos, preprocessed, and True; or synthetic patterns and False for an artifact without them."
+    paths = sorted(p for p in (Path(model_dir)/"check_images").glob("*") if p.is_file())
+    return (preset.stack(paths), True) if paths else (preset.stack(calibration_images(8)), False)
+
+def _time_ms(run:Callable, x:np.ndarray, repeat:int=5, budget_s:float=0.5) -> float:
+    "Median wall time of `run(x)` in ms after a warm-up call: `repeat` runs, fewer if they pass `budget_s`."
+    run(x)
+    times, spent = [], 0.0
+    while len(times) < repeat and (not times or spent < budget_s):
+        start = time.perf_counter(); run(x); times.append(time.perf_counter() - start); spent += times[-1]
+    return float(np.median(times)) * 1000
+
+def _compared(outputs:tuple, temperature:float, open_set:OpenSetConfig|None) -> np.ndarray:
+    "What f32 backends must agree on: class probabilities and, with an open-set head, its score (relative to its size)."
+    probs = softmax(outputs[0], temperature)
+    if open_set is None or len(outputs) < 2: return probs
+    score = np.asarray(outputs[1], dtype=np.float64)
+    return np.c_[probs, score / (1 + np.abs(score))]  # the raw score: p_cat_or_dog of test patterns is ~0 and hides differences
+
+def _in_batches(run:Callable, x:np.ndarray, size:int=8) -> tuple:
+    "`run` on `x` in batches of `size` (a serving-sized batch: the engines' memory stays what serving needs), outputs joined."
+    parts = [run(np.ascontiguousarray(x[i:i + size])) for i in range(0, len(x), size)]
+    return tuple(np.concatenate(outputs) for outputs in zip(*parts))
+
+TOLERANCES = {"f32": 1e-3, "bf16": 0.05, "int8": 0.1}  # the agreement rule's atol of each precision (above)
+
+def _disagreement(got:tuple, reference:tuple, temperature:float, open_set:OpenSetConfig|None,
+                  reduced:bool, atol:float, reduced_atol:float) -> str|None:
+    "Why `got` does not agree with `reference` (the rules above), or None when it does."
+    if len(got) != len(reference) or got[0].shape != reference[0].shape: return "outputs of another shape"
+    if not reduced:
+        diff = float(np.abs(_compared(got, temperature, open_set) - _compared(reference, temperature, open_set)).max())
+        return None if diff < atol else f"differs by {diff:.1e} (>= {atol:.0e})"
+    p, p_ref = softmax(got[0], temperature), softmax(reference[0], temperature)
+    diffs = {"probabilities": np.abs(p - p_ref).max()}
+    flips = (p.argmax(1) != p_ref.argmax(1)) & (np.abs(p_ref.max(1) - 0.5) > reduced_atol)
+    if open_set is not None and len(got) > 1:
+        q, q_ref = open_set.probability(got[1]), open_set.probability(reference[1])
+        diffs["p_cat_or_dog"] = np.abs(q - q_ref).max()
+        flips |= ((q >= open_set.threshold) != (q_ref >= open_set.threshold)) & (np.abs(q_ref - open_set.threshold) > reduced_atol)
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > reduced_atol: return f"{worst} differ by {diffs[worst]:.3f} (> {reduced_atol})"
+    if flips.any(): return f"{int(flips.sum())} answer(s) differ"
+    return None
+
+def choose_backend(runners:dict[str, Callable], # "backend/precision" -> runner
+                   batch:np.ndarray, # The check photos, preprocessed
+                   reference:str, # The runner the others must agree with
+                   temperature:float=1.0,
+                   open_set:OpenSetConfig|None=None, # Compare p_cat_or_dog and the answers too
+                   tolerances:dict[str, float]=TOLERANCES) -> tuple[str, dict[str, float]]: # precision -> atol
+    "The fastest runner that agrees with `reference`, and each agreeing one's time (batch 1 + batch 8, ms)."
+    expected = _in_batches(runners[reference], batch)
+    timings = {}
+    for name, run in runners.items():
+        precision = name.split("/")[1]
+        reason = _disagreement(_in_batches(run, batch), expected, temperature, open_set, precision != "f32",
+                               tolerances["f32"], tolerances[precision])
+        if reason: logger.warning("backend %s %s against %s on the check photos; not used", name, reason, reference); continue
+        timings[name] = _time_ms(run, batch[:1]) + _time_ms(run, batch[:8])
+    return min(timings, key=timings.get), timings
+
+
+# %%
+batch, real = check_batch(artifact, preset)
+test_eq((batch.shape, real), ((8, 3, 96, 96), True))
+test_eq([im.size for im in calibration_images(2)], [(300, 160), (270, 200)])  # the stand-ins for an artifact without check photos
+runners = {f"{b}/f32": make_runner(b, artifact) for b in BACKENDS}
+best, timings = choose_backend(runners, batch, "eager/f32", open_set=config.open_set)
+test_eq(best in runners, True)
+onnx = runners["onnx/f32"]
+broken = {**runners, "onnx/f32": lambda x: (onnx(x)[0] + np.array([0.0, 1.0], dtype=np.float32), onnx(x)[1])}  # a backend that disagrees is never chosen
+test_eq("onnx/f32" in choose_backend(broken, batch, "eager/f32")[1], False)
+shifted = {**runners, "onnx/f32": lambda x: (onnx(x)[0], onnx(x)[1] + 0.5)}  # nor one whose open-set score is off
+test_eq("onnx/f32" in choose_backend(shifted, batch, "eager/f32", open_set=config.open_set)[1], False)
+best, timings
+
+# %% [markdown]
+# The reduced-precision rule, on a stand-in for bf16 (this machine's CPU may have no bf16
+# units): logits moved by 0.01 pass, where the f32 rule would refuse them; logits moved by 0.5
+# do not, nor a score shifted across the "neither" threshold.
+
+# %%
+nudged = {**runners, "openvino/bf16": lambda x: (onnx(x)[0] + np.float32(0.01), onnx(x)[1] - np.float32(0.01))}
+test_eq("openvino/bf16" in choose_backend(nudged, batch, "eager/f32", open_set=config.open_set)[1], True)
+test_eq(_disagreement(nudged["openvino/bf16"](batch), onnx(batch), 1.0, config.open_set, False, 1e-3, 0.05) is None, False)
+far = {**runners, "openvino/bf16": lambda x: (onnx(x)[0] + np.array([0, 0.5], dtype=np.float32), onnx(x)[1])}
+test_eq("openvino/bf16" in choose_backend(far, batch, "eager/f32", open_set=config.open_set)[1], False)
+ref = onnx(batch)
+flipped = (ref[0], ref[1] + np.float32(50) * np.sign(np.float32(config.open_set.threshold) - config.open_set.probability(ref[1])).astype(np.float32))
+_disagreement(flipped, ref, 1.0, config.open_set, True, 1e-3, 0.05)
+
+
+
+# %% [markdown]
+# ## Loading an engine
+#
+# `load_engine` turns the settings' `backend` and `precision` (either may be `auto`) into one
+# engine. One named engine is built as asked, and fails loudly if it cannot load. With `auto`,
+# every candidate is built (one that cannot load is skipped with a warning, except the
+# reference, ONNX Runtime f32, which a lean install must be able to run), compared on the
+# check photos and timed, and the fastest that agrees is kept, with what was measured.
+
+# %%
+#| export
+class Engine:
+    "A loaded engine: `engine(batch)` runs it; `timings` holds what `auto` measured to choose it (empty when named)."
+    def __init__(self, backend:str, precision:str, run:Callable, timings:dict[str, float]|None=None):
+        self.backend, self.precision, self.run, self.timings = backend, precision, run, timings or {}
+
+    @property
+    def name(self) -> str: return f"{self.backend}/{self.precision}"
+    def __call__(self, x:np.ndarray) -> tuple: return self.run(x)
+    def __repr__(self): return f"Engine({self.name})"
+
+def int8_rejection(config:ModelConfig, settings:InferenceSettings) -> str|None:
+    "Why `auto` must not serve the artifact's int8 model (no measurement, or beyond the settings' tolerance), or None."
+    report = config.int8
+    if not report: return "the artifact has no int8 measurement (quantize it with scripts/quantize_model.py)"
+    drop = report["f32"]["accuracy"] - report["int8"]["accuracy"]
+    if drop > settings.int8_max_accuracy_drop:
+        return f"its validation accuracy is {drop:.2%} below f32 (tolerance {settings.int8_max_accuracy_drop:.2%})"
+    kept_drop = report["f32"].get("open_set_kept", 1.0) - report["int8"].get("open_set_kept", 1.0)
+    if kept_drop > settings.int8_max_open_set_drop:
+        return f"it keeps {kept_drop:.2%} fewer validation cats and dogs at the 'neither' threshold (tolerance {settings.int8_max_open_set_drop:.2%})"
+    return None
+
+def engine_candidates(model_dir:Path, config:ModelConfig, settings:InferenceSettings) -> list[tuple[str, str]]:
+    "The (backend, precision) pairs that the settings allow for this artifact on this CPU."
+    backends = AUTO_BACKENDS if settings.backend == "auto" else (settings.backend,)
+    precisions = PRECISIONS if settings.precision == "auto" else (settings.precision,)
+    out = []
+    for b in backends:
+        for p in precisions:
+            if p == "bf16" and (b != "openvino" or (settings.precision == "auto" and p not in _openvino_precisions_or_none())): continue
+            if p == "int8" and (b not in AUTO_BACKENDS or (settings.precision == "auto" and not _int8_allowed(model_dir, config, settings))):
+                continue
+            out.append((b, p))
+    if not out: raise ValueError(f"no backend runs {settings.precision} with --backend {settings.backend}: "
+                                 "bf16 needs openvino, int8 needs onnx or openvino")
+    return out
+
+def _int8_allowed(model_dir:Path, config:ModelConfig, settings:InferenceSettings) -> bool:
+    "Whether `auto` may consider int8 (the file is there and its stored figures are within tolerance); logs why not."
+    if not (Path(model_dir)/INT8_FILE).is_file(): return False
+    reason = int8_rejection(config, settings)
+    if reason: logger.warning("int8 not considered: %s", reason)
+    return reason is None
+
+def _openvino_precisions_or_none() -> tuple[str, ...]:
+    "`openvino_precisions()`, or nothing when OpenVINO is not installed."
+    try: return openvino_precisions()
+    except ImportError: return ()
+
+def load_engine(model_dir:Path, # The artifact directory
+                config:ModelConfig, # Its `model_config.json`
+                settings:InferenceSettings|None=None) -> Engine: # backend, precision, threads, int8 tolerance
+    "The engine the settings ask for; with `auto`, the fastest candidate that agrees with the reference on the check photos."
+    s, model_dir = settings or InferenceSettings(), Path(model_dir)
+    candidates = engine_candidates(model_dir, config, s)
+    if len(candidates) == 1:
+        (b, p), = candidates
+        try: return Engine(b, p, make_runner(b, model_dir, s.threads, p))
+        except Exception as e: raise RuntimeError(f"the {b} backend cannot load {model_dir/engine_file(b, p)}: {e}") from e
+    runners = {}
+    for b, p in candidates:
+        try: runners[f"{b}/{p}"] = make_runner(b, model_dir, s.threads, p)
+        except Exception as e:
+            if (b, p) == ("onnx", "f32") or (s.backend != "auto" and p == "f32"):  # the reference, or the one engine asked for, must load
+                raise RuntimeError(f"the {b} backend cannot load {model_dir/engine_file(b, p)}: {e}") from e
+            logger.warning("engine %s/%s unavailable: %s", b, p, e)
+    if not runners: raise RuntimeError(f"no engine could load the model in {model_dir}")
+    reference = next(r for r in ("onnx/f32", "openvino/f32", *runners) if r in runners)
+    batch, real = check_batch(model_dir, Preset.from_config(config))
+    if not real: logger.warning("%s has no check_images/: engines are compared on synthetic patterns", model_dir)
+    best, timings = choose_backend(runners, batch, reference, config.temperature, config.open_set)
+    logger.info("engine auto: chose %s (%s ms for a batch of 1 plus a batch of 8; reference %s)", best,
+                ", ".join(f"{k} {v:.1f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1])), reference)
+    return Engine(*best.split("/"), runners[best], timings)
+
+
+# %%
+engine = load_engine(artifact, config)
+test_eq(isinstance(engine, Engine) and len(engine(batch[:2])) == 2, True)
+test_eq(set(engine.timings) >= {"onnx/f32", "openvino/f32"}, True)
+test_eq(engine.name in engine.timings, True)
+named = load_engine(artifact, config, InferenceSettings(backend="onnx", precision="f32"))
+test_eq((named.name, named.timings), ("onnx/f32", {}))
+test_fail(lambda: load_engine(artifact, config, InferenceSettings(backend="onnx", precision="bf16")), contains="bf16 needs openvino")
+test_fail(lambda: load_engine(artifact, config, InferenceSettings(backend="eager", precision="int8")), contains="int8 needs onnx or openvino")
+engine, engine.timings
+
+
+# %% [markdown]
+# ## int8
+#
+# The int8 model is `model.onnx` with static quantization in the QDQ format of ONNX Runtime's
+# quantization tool: weights as signed integers, one scale per output channel; activations as
+# unsigned 8-bit integers with one scale and zero point per tensor, calibrated by the minimum
+# and maximum each tensor takes over `int8_calibration_images` training photos. Both ONNX
+# Runtime and OpenVINO read the same file. The choices, measured on the default model
+# (EfficientNet-Lite0, 288 px, trained on the sample):
+#
+# - **per-channel weights**: depthwise convolutions have channels whose ranges differ by
+#   orders of magnitude; one scale per tensor flattens the small ones to zero;
+# - **u8 activations, s8 weights**: the pair x86 CPUs multiply fastest (`VPMADDUBSW`, and
+#   VNNI's `VPDPBUSD`);
+# - **weights in 7 bits** (`reduce_range`): a CPU without VNNI sums pairs of u8 x s8 products
+#   in 16 bits, which saturates with full 8-bit weights. On such a CPU (AMD EPYC, AVX2 only)
+#   full-range weights lost 2.4 points of validation accuracy with either engine; 7-bit
+#   weights kept it within one photo of f32, at the same speed on CPUs with VNNI;
+# - **MinMax calibration** on a few hundred training photos;
+# - **every node quantized**, the heads included.
+#
+# An artifact is trained on one machine and served on others, so the recipe must hold on
+# CPUs with and without VNNI; and each serving machine still checks the engine on the check
+# photos before `auto` may pick it.
+#
+# `quantize_artifact` writes `model.int8.onnx` and measures it against f32 on the whole
+# validation split (accuracy, log loss, agreement of the labels, the share of cats and dogs
+# kept at the "neither" threshold), and stores the figures in `model_config.json` under `int8`.
+# `auto` serves int8 only when those figures are within `int8_max_accuracy_drop` (0.1 point)
+# and `int8_max_open_set_drop` (1 point) and it agrees with f32 on this CPU, and it is faster.
+# The open-set threshold is the one fitted on f32 scores; the stored `open_set_kept` shows
+# whether it holds for int8.
+
+# %%
+#| export
+class _Batches:
+    "An ONNX Runtime `CalibrationDataReader` over image files, decoded a batch at a time."
+    def __init__(self, paths:Sequence[Path], preset:Preset, batch_size:int=8):
+        self.chunks = iter([list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)])
+        self.preset = preset
+    def get_next(self) -> dict|None:
+        chunk = next(self.chunks, None)
+        return None if chunk is None else {"images": self.preset.stack(chunk)}
+
+def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
+                  calibration:Sequence[Path]) -> Path: # Training photos whose activation ranges set the scales
+    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges."
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    model_dir = Path(model_dir)
+    preset = Preset.from_config(ModelConfig.load(model_dir/"model_config.json"))
+    quiet = logging.getLogger(); level = quiet.level; quiet.setLevel(logging.ERROR)  # the tool logs a warning per folded bias
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
+            quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+            os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
+    finally: quiet.setLevel(level)
+    return model_dir/INT8_FILE
+
+
+# %%
+int8_path = quantize_int8(artifact, photos[::2])
+test_eq(int8_path.name, "model.int8.onnx")
+int8_run = make_runner("onnx", artifact, precision="int8")
+test_eq([o.shape for o in int8_run(batch[:2])], [o.shape for o in runners["onnx/f32"](batch[:2])])
+f"{int8_path.stat().st_size / 1e6:.2f} MB int8, {(artifact/'model.onnx').stat().st_size / 1e6:.2f} MB f32"
+
+
+# %%
+#| export
+def _figures(run:Callable, batches:list[np.ndarray], targets:np.ndarray, config:ModelConfig) -> tuple[dict, np.ndarray]:
+    "Accuracy, log loss and the share kept at the open-set threshold of one engine over preprocessed batches, and its probabilities."
+    outputs = [run(x) for x in batches]
+    probs = softmax(np.concatenate([o[0] for o in outputs]), config.temperature)
+    true_prob = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1)
+    out = {"accuracy": float((probs.argmax(1) == targets).mean()), "log_loss": float(-np.log(true_prob).mean())}
+    if config.open_set is not None and len(outputs[0]) > 1:
+        p_any = config.open_set.probability(np.concatenate([o[1] for o in outputs]))
+        out["open_set_kept"] = float((p_any >= config.open_set.threshold).mean())
+    return out, probs
+
+def measure_int8(model_dir:Path, # An artifact with `model.onnx` and `model.int8.onnx`
+                 paths:Sequence[Path], targets:np.ndarray, # Labelled photos (the validation split) and their class indices
+                 batch_size:int=32) -> dict:
+    "int8 against f32 (ONNX Runtime) on labelled photos: each one's accuracy, log loss and open-set share kept, and their agreement."
+    model_dir, targets = Path(model_dir), np.asarray(targets)
+    config = ModelConfig.load(model_dir/"model_config.json")
+    preset = Preset.from_config(config)
+    batches = [preset.stack(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    f32, p32 = _figures(make_runner("onnx", model_dir), batches, targets, config)
+    int8, p8 = _figures(make_runner("onnx", model_dir, precision="int8"), batches, targets, config)
+    return {"f32": f32, "int8": int8, "n_images": len(targets), "labels_agree": float((p32.argmax(1) == p8.argmax(1)).mean()),
+            "max_probability_difference": float(np.abs(p32 - p8).max()),
+            "method": "static QDQ, per-channel 7-bit s8 weights, u8 activations, MinMax"}
+
+def quantize_artifact(model_dir:Path, # An artifact with `model.onnx`
+                      train_paths:Sequence[Path], # Training photos; the first `int8_calibration_images` calibrate
+                      val_paths:Sequence[Path], val_targets:np.ndarray, # The validation split, to measure on
+                      settings:TrainingSettings|None=None) -> ModelConfig: # Its `int8_calibration_images`
+    "Quantize the artifact to int8, measure it against f32 on the validation split, and record that in `model_config.json`."
+    s = settings or TrainingSettings()
+    rng = np.random.default_rng(0)
+    chosen = [train_paths[i] for i in sorted(rng.permutation(len(train_paths))[:s.int8_calibration_images])]
+    quantize_int8(model_dir, chosen)
+    config = ModelConfig.load(Path(model_dir)/"model_config.json")
+    config.int8 = {**measure_int8(model_dir, val_paths, val_targets), "calibration_images": len(chosen)}
+    config.save(Path(model_dir)/"model_config.json")
+    logger.info("int8: validation accuracy %.4f (f32 %.4f), labels agree %.2f%%", config.int8["int8"]["accuracy"],
+                config.int8["f32"]["accuracy"], 100 * config.int8["labels_agree"])
+    return config
+
+
+# %% [markdown]
+# `measure_int8` compares the two on labelled photos, here the example photos with their labels:
+
+# %%
+measured = measure_int8(artifact, photos, np.array([0] * 12 + [1] * 12))
+test_eq(measured["n_images"], 24)
+test_eq(0 <= measured["labels_agree"] <= 1 and measured["f32"]["accuracy"] >= 0, True)
+{k: measured[k] for k in ("f32", "int8", "labels_agree")}
+
+# %% [markdown]
+# On the untrained example model the figures mean little, but they show the record that
+# `auto` reads; its tolerance check refuses an int8 model that lost accuracy:
+
+# %%
+labels = np.array([0] * 12 + [1] * 12)
+config = quantize_artifact(artifact, photos, photos, labels, TrainingSettings(int8_calibration_images=8))
+test_eq(set(config.int8) >= {"f32", "int8", "labels_agree", "calibration_images"}, True)
+test_eq(config.int8["calibration_images"], 8)
+worse = ModelConfig.load(artifact/"model_config.json")
+worse.int8 = {**worse.int8, "int8": {**worse.int8["int8"], "accuracy": worse.int8["f32"]["accuracy"] - 0.01}}
+test_eq(int8_rejection(worse, InferenceSettings()).startswith("its validation accuracy is 1.00% below f32"), True)
+test_eq(int8_rejection(ModelConfig.load(artifact/"model_config.json"), InferenceSettings(int8_max_accuracy_drop=1.0, int8_max_open_set_drop=1.0)), None)
+{k: v for k, v in config.int8.items() if k != "method"}
+
+# %% [markdown]
+# With an int8 model within tolerance, int8 engines join `auto`'s candidates (then they must
+# still agree on the check photos, which this untrained toy model's int8 may not); asked for by
+# name, int8 runs on either engine:
+
+# %%
+lenient = InferenceSettings(int8_max_accuracy_drop=1.0, int8_max_open_set_drop=1.0)
+test_eq({("onnx", "int8"), ("openvino", "int8")} <= set(engine_candidates(artifact, config, lenient)), True)
+test_eq(("onnx", "int8") in engine_candidates(artifact, worse, InferenceSettings()), False)
+test_eq(load_engine(artifact, config, InferenceSettings(backend="openvino", precision="int8")).name, "openvino/int8")
+engine_candidates(artifact, config, lenient)
+
+# %%
+tmp.cleanup()
