@@ -166,8 +166,7 @@ ServingSettings(port=9000).port, InferenceSettings().backend, EvaluationSettings
 
 # %% [markdown]
 # `model_dir` is the one artifact directory: `catsdogs_train` writes it and the later stages read
-# it. The older name of the training side, `CATSDOGS_OUTPUT` (and `catsdogs_train --output`),
-# still works:
+# it. Training also reads it as `CATSDOGS_OUTPUT` (and `catsdogs_train --output`):
 
 # %%
 os.environ["CATSDOGS_OUTPUT"] = "runs/first"

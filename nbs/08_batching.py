@@ -212,29 +212,32 @@ results
 # %% [markdown]
 # ## Engine, threads, batch size and wait: measured, not assumed
 #
-# The defaults come from `benchmarks/bench_engines.py` and `benchmarks/bench_serve.py` on this
-# project's 2-core machine on 2026-12-02 (an AMD EPYC without AVX-512 or AMX, so OpenVINO
-# offers f32 only here; on an AMX Xeon it also offers bf16, measured 2.5x faster than ONNX
-# Runtime at batch 8). EfficientNet-Lite0 at 288 px, images/s of the forward pass alone:
+# The defaults come from `benchmarks/bench_engines.py --threads 1 2 --batches 1 2 4 8 16
+# --ceiling-batch 4 8 16` and `benchmarks/bench_serve.py` on this project's 2-core machine on
+# 2026-12-03 (an AMD EPYC with AVX2 and neither VNNI nor bf16 units), with the default model
+# (EfficientNet-Lite0, 288 px) and its int8 model. Images/s, one run; the forward pass alone,
+# then the ceiling the service is held to (`predict_batch`: decode the batch on the same
+# threads, then one forward pass):
 #
-# | engine | threads | batch 1 | batch 2 | batch 4 | batch 8 | batch 16 |
-# |---|---|---|---|---|---|---|
-# | ONNX Runtime f32 | 1 | 46 | 46 | 46 | 48 | 47 |
-# | OpenVINO f32 | 1 | 44 | 44 | 40 | 39 | 37 |
-# | ONNX Runtime f32 | 2 | 75 | 77 | 66 | 76 | 73 |
-# | OpenVINO f32 | 2 | 55 | 54 | 54 | 52 | 56 |
+# | engine | threads | forward b1 | b2 | b4 | b8 | b16 | ceiling b4 | b8 | b16 |
+# |---|---|---|---|---|---|---|---|---|---|
+# | ONNX Runtime f32 | 1 | 51 | 54 | 53 | 53 | 52 | 41 | 39 | 42 |
+# | ONNX Runtime int8 | 1 | 78 | 83 | 82 | 80 | 81 | 58 | 58 | 58 |
+# | ONNX Runtime f32 | 2 | 60 | 81 | 96 | 84 | 102 | 76 | 77 | 77 |
+# | OpenVINO f32 | 2 | 87 | 89 | 91 | 91 | 95 | 71 | 75 | 70 |
+# | ONNX Runtime int8 | 2 | 97 | 145 | 148 | 139 | 128 | 103 | 105 | 109 |
+# | OpenVINO int8 | 2 | 115 | 111 | 142 | 148 | 140 | 87 | 93 | 106 |
 #
-# - **Threads**: both engines run best on every core (`threads=0`), one stream: a second stream
-#   would only split the same two cores. Decoding uses the same threads, in turn with the
-#   forward pass (decoding beside it left the engine's threads waiting for cores).
-# - **Engine**: on this CPU the two are within the machine's day-to-day noise once decoding is
-#   counted (decode + forward: 47 to 64 images/s for ONNX Runtime, 41 to 55 for OpenVINO
-#   over the runs of the day), so `auto` measures at start-up and may pick either; where bf16
-#   units exist, OpenVINO bf16 wins by a wide margin and `auto` finds it.
-# - **Batch size 8**: the forward pass gains nothing past batch 8 here, and memory grows with
-#   it: ONNX Runtime's process held 246 MB after a batch of 8 and 390 MB after a batch of 16
-#   (328 MB and 567 MB with its per-shape memory plans, now off). So `max_batch_size` is 8.
-# - **Wait 10 ms**: at concurrency 8, `batch_wait_ms` 2 formed batches of 4 on average, 10 formed
-#   batches of 8 (7.7 to 7.9), with 6% and 23% more requests/s and a lower p50 in two paired
-#   runs: the wait is short beside a 150 ms forward pass of 8 images. A lone client still never
-#   waits.
+# - **Threads**: every engine runs best on every core (`threads=0`), one stream: a second
+#   stream would only split the same two cores. Decoding uses the same threads, in turn with
+#   the forward pass (decoding beside it left the engine's threads waiting for cores).
+# - **Decode share**: int8 makes the forward pass about 1.5x faster, so decoding, about 2.5 ms
+#   of wall time per image on two threads, becomes a quarter of the ceiling (it was a sixth
+#   with f32). JPEGs already decode at reduced size (draft mode), and the decode threads are
+#   the inference threads, so there is no idle core to give them.
+# - **Batch size 8**: past batch 8 the ceiling gains nothing beyond the run's noise (int8: 105
+#   at 8, 109 at 16), and memory grows with the batch: ONNX Runtime's process held 246 MB
+#   after a batch of 8 and 390 MB after a batch of 16. So `max_batch_size` is 8.
+# - **Wait 10 ms**: at concurrency 8, `batch_wait_ms` 2 formed batches of 4 on average and 10
+#   formed batches of 8 (7.7 to 8.0), with more requests/s and a lower p50; an int8 forward pass
+#   of 8 images takes about 55 ms, so the wait stays short beside it. A lone client never waits.
