@@ -65,7 +65,7 @@ def main(argv=None):
     for threads in args.threads:
         for backend, precision in engines:
             p = Predictor(args.model, InferenceSettings(backend=backend, precision=precision, threads=threads))
-            x = np.stack([p.preprocess(j) for j in jpegs[: max(args.batches)]])
+            x = p.preset.stack(jpegs[: max(args.batches)])
             rates = {b: forward_rate(p.run, x, b) for b in args.batches}
             ceilings = {b: ceiling(p, jpegs, b)[0] for b in args.ceiling_batch}
             rows.append((f"{backend}/{precision}", threads, rates, ceilings))
