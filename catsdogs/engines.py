@@ -203,7 +203,7 @@ def choose_backend(runners:dict[str, Callable], # "backend/precision" -> runner
         precision = name.split("/")[1]
         reason = _disagreement(_in_batches(run, batch), expected, temperature, open_set, precision != "f32",
                                tolerances["f32"], tolerances[precision], mean=precision == "int8")
-        if reason: logger.warning("backend %s %s against %s on the check photos; not used", name, reason, reference); continue
+        if reason: logger.warning("engine %s %s against %s on the check photos; not used", name, reason, reference); continue
         timings[name] = _time_ms(run, batch[:1]) + _time_ms(run, batch[:8])
     return min(timings, key=timings.get), timings
 

@@ -10,7 +10,7 @@
 # An **engine** is a backend and a precision, such as `onnx/f32` or `openvino/int8`: a
 # function from a preprocessed float32 batch `(N, 3, H, W)` to the graph's outputs, the logits
 # and, when the artifact has an open-set head, its score. The `Predictor` of the inference
-# stage builds one engine at load time with `choose_engine` and then only calls it; everything
+# stage builds one engine at load time with `load_engine` and then only calls it; everything
 # about images, calibration and answers lives there.
 #
 # | file in the artifact | engines |
@@ -328,7 +328,7 @@ def choose_backend(runners:dict[str, Callable], # "backend/precision" -> runner
         precision = name.split("/")[1]
         reason = _disagreement(_in_batches(run, batch), expected, temperature, open_set, precision != "f32",
                                tolerances["f32"], tolerances[precision], mean=precision == "int8")
-        if reason: logger.warning("backend %s %s against %s on the check photos; not used", name, reason, reference); continue
+        if reason: logger.warning("engine %s %s against %s on the check photos; not used", name, reason, reference); continue
         timings[name] = _time_ms(run, batch[:1]) + _time_ms(run, batch[:8])
     return min(timings, key=timings.get), timings
 

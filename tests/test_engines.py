@@ -92,3 +92,16 @@ def test_int8_answers_the_test_split_as_f32_does(floor_model, test_photos):
     accuracy = {k: np.mean([n == label for n, label in zip(v, labels)]) for k, v in named.items()}
     assert np.mean([a == b for a, b in zip(named["f32"], named["int8"])]) >= 0.97
     assert abs(accuracy["f32"] - accuracy["int8"]) <= 0.02, accuracy
+
+
+def test_asking_for_int8_without_the_int8_model_is_a_one_line_error(floor_model, tmp_path, test_photos):
+    model = tmp_path / "model"
+    shutil.copytree(floor_model, model)
+    (model / INT8_FILE).unlink()
+    done = subprocess.run(["catsdogs_predict", str(test_photos[0][0]), "--model", str(model), "--precision", "int8"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no model.int8.onnx" in done.stderr and "scripts/quantize_model.py" in done.stderr, done.stderr
+    wrong = subprocess.run(["catsdogs_predict", str(test_photos[0][0]), "--model", str(model), "--precision", "int4"],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "invalid choice: 'int4'" in wrong.stderr
