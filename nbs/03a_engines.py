@@ -48,6 +48,9 @@ import warnings
 from fastcore.test import test_eq, test_fail, test_close
 from catsdogs.presets import demo_data_dir
 from catsdogs.model import demo_artifact
+
+# %%
+#| hide
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices
 
 # %%
@@ -63,7 +66,9 @@ logger = logging.getLogger("catsdogs.engines")
 tmp = tempfile.TemporaryDirectory()
 data_dir = demo_data_dir()
 photos = sorted((data_dir/"Cat").glob("cat.*.jpg"))[:12] + sorted((data_dir/"Dog").glob("dog.*.jpg"))[:12]
-artifact = demo_artifact(Path(tmp.name)/"model", "small_cnn", 96, check_images=photos[::3], open_set_photos=photos)
+with warnings.catch_warnings():  # a dozen photos are too few to place the open-set threshold, and it says so
+    warnings.simplefilter("ignore", UserWarning)
+    artifact = demo_artifact(Path(tmp.name)/"model", "small_cnn", 96, check_images=photos[::3], open_set_photos=photos)
 config = ModelConfig.load(artifact/"model_config.json")
 preset = Preset.from_config(config)
 sorted(p.name for p in artifact.iterdir())
