@@ -92,13 +92,13 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
 
 
-def encode_requests(images: list[tuple[str, bytes]], port: int) -> list[bytes]:
-    "Each image as the complete bytes of a keep-alive `POST /predict` multipart request, built once."
+def encode_requests(images: list[tuple[str, bytes]], port: int, path: str = "/predict") -> list[bytes]:
+    "Each image as the complete bytes of a keep-alive `POST path` multipart request, built once."
     encoded = []
     for name, data in images:
-        request = httpx.Request("POST", f"http://127.0.0.1:{port}/predict", files={"file": (name, data, "image/jpeg")})
+        request = httpx.Request("POST", f"http://127.0.0.1:{port}{path}", files={"file": (name, data, "image/jpeg")})
         body = request.read()
-        head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {request.headers['content-type']}\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {request.headers['content-type']}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n")
         encoded.append(head.encode() + body)
     return encoded
@@ -116,14 +116,14 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
 
 
 async def load_test(port: int, images: list[tuple[str, bytes]], concurrency: int, max_requests: int, max_seconds: float,
-                    timeout: float = 60) -> dict:
+                    timeout: float = 60, path: str = "/predict") -> dict:
     """Post images with `concurrency` requests in flight until `max_requests` or `max_seconds`; latency and errors.
 
     Like `wrk`, the load generator writes pre-built requests on raw keep-alive connections and reads
     the responses with little parsing, so it takes a small share of the cores it shares with the server.
     A request counts as an error unless it answers 200 with a JSON prediction within `timeout` seconds."""
     latencies, errors, sent = [], 0, 0
-    requests = encode_requests(images, port)
+    requests = encode_requests(images, port, path)
     ready = asyncio.Barrier(concurrency)  # every connection open and warmed before the clock starts
     clock = {}
 
@@ -166,11 +166,11 @@ def images_and_batches(port: int) -> tuple[float, float]:
     return metric_value(text, "catsdogs_inference_batch_size_sum"), metric_value(text, "catsdogs_inference_batch_size_count")
 
 
-def measure(port: int, pid: int, images, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+def measure(port: int, pid: int, images, concurrency: int, max_requests: int, max_seconds: float, path: str = "/predict") -> dict:
     "One load level, with the mean batch size the server formed and its CPU time per request (ms) during it (one worker)."
     images_before, passes_before = images_and_batches(port)
     cpu_before = cpu_seconds(pid)
-    result = asyncio.run(load_test(port, images, concurrency, max_requests, max_seconds))
+    result = asyncio.run(load_test(port, images, concurrency, max_requests, max_seconds, path=path))
     result["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu_before) / max(1, result["requests"] + result["errors"])
     images_after, passes_after = images_and_batches(port)
     result["mean_batch"] = (images_after - images_before) / max(1, passes_after - passes_before)

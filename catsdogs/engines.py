@@ -21,10 +21,10 @@ from .config import InferenceSettings, TrainingSettings
 from .presets import ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
-__all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'softmax', 'default_threads',
-           'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch', 'choose_backend',
-           'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'quantize_int8', 'measure_int8',
-           'quantize_artifact']
+__all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'FLOAT_OPS', 'softmax',
+           'default_threads', 'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch',
+           'choose_backend', 'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'quantize_int8',
+           'measure_int8', 'quantize_artifact']
 
 # %% ../nbs/03a_engines.ipynb #c075a21e
 logger = logging.getLogger("catsdogs.engines")
@@ -62,10 +62,12 @@ def _eager_runner(model_dir:Path, threads:int) -> Callable:
     import torch
     from catsdogs.model import load_model
     torch.set_num_threads(threads)
-    model = load_model(model_dir)[0].to(memory_format=torch.channels_last)
-    forward = model.forward_open_set if model.open_set is not None and model.open_set.bank.numel() > 0 else model
-    def run(x):
-        with torch.inference_mode(): return _numpy_outputs(forward(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)))
+    model, config = load_model(model_dir)
+    model = model.to(memory_format=torch.channels_last)
+    def run(x):  # the outputs of the exported graphs
+        with torch.inference_mode():
+            x = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            return _numpy_outputs(model.exported(x, config.open_set is not None, config.heat_maps))
     return run
 
 def _torchscript_runner(path:Path, threads:int) -> Callable:
@@ -115,7 +117,7 @@ def make_runner(backend:str, # One of `BACKENDS`
                 model_dir:Path, # The artifact directory
                 threads:int=0, # Inference threads; 0: one per core
                 precision:str="f32") -> Callable: # `f32`; `bf16` (OpenVINO); `int8` (ONNX Runtime or OpenVINO)
-    "A `batch -> (logits, open-set score)` function for `backend` on the artifact in `model_dir` (logits alone without an open-set head)."
+    "A `batch -> outputs` function for `backend` on the artifact in `model_dir`: logits, then the open-set score and the heat maps where the artifact has them."
     model_dir, threads = Path(model_dir), default_threads(threads)
     if backend not in BACKENDS: raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
     if precision not in PRECISIONS: raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS} or 'auto'")
@@ -293,10 +295,13 @@ class _Batches:
         chunk = next(self.chunks, None)
         return None if chunk is None else {"images": self.preset.stack(chunk)}
 
+FLOAT_OPS = ("MatMul", "Softmax", "Where")  # the open-set and heat-map arithmetic after the backbone: small, and its -inf masks have no int8 range
+
 def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
                   calibration:Sequence[Path]) -> Path: # Training photos whose activation ranges set the scales
-    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges."
+    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges, `FLOAT_OPS` in float."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
     model_dir = Path(model_dir)
     preset = Preset.from_config(ModelConfig.load(model_dir/"model_config.json"))
@@ -306,7 +311,8 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
             quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax,
+                            op_types_to_quantize=sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(FLOAT_OPS)))
             os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
     finally: quiet.setLevel(level)
     return model_dir/INT8_FILE

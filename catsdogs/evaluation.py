@@ -10,16 +10,18 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from .config import MODEL_SOURCE, EvaluationSettings, InferenceSettings, parse_settings, settings_parser
-from .inference import Prediction, Predictor, predict_files
+from .inference import Prediction, Predictor, heat_picture, predict_files
 from .metrics import classification_metrics, open_set_figures, open_set_metrics, save_figures
-from .presets import list_images
+from .presets import list_images, load_image
 
 # %% auto #0
-__all__ = ['LabelledPredictions', 'predict_labelled', 'evaluate_folder', 'eval_cli']
+__all__ = ['LabelledPredictions', 'predict_labelled', 'explained_picture', 'evaluate_folder', 'eval_cli']
 
 # %% ../nbs/06_evaluation.ipynb #a5be0636
 @dataclass
@@ -50,6 +52,16 @@ def predict_labelled(predictor:Predictor, # What is evaluated, as it is served
                                len(results) - len(answered))
 
 # %% ../nbs/06_evaluation.ipynb #6d09509b
+def explained_picture(predictor:Predictor, # The predictor whose answer is explained
+                      draft_size:int=256) -> Callable[[Path], Image.Image]|None: # Decode photos at about this size
+    "A function drawing a photo with the heat map of `predictor`'s answer (`heat_picture`), or None when it has no heat maps."
+    if not predictor.config.heat_maps: return None
+    def picture(path:Path) -> Image.Image:
+        answer = predictor.predict_batch([path], explain=True)[0]
+        photo = load_image(path, draft_size=draft_size)
+        return photo if isinstance(answer, Exception) else heat_picture(photo, answer.explanation, predictor.settings.heat_map_opacity)
+    return picture
+
 def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
                     data_dir:Path, # One subfolder per class (or Kaggle-style names)
                     ood_dir:Path|None=None, # Photos of neither cats nor dogs, any layout
@@ -61,7 +73,8 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
     labelled = predict_labelled(predictor, data_dir, batch_size, progress)
     names = tuple(predictor.config.class_names)
     metrics = {**classification_metrics(labelled.probs, labelled.targets), "n_skipped": labelled.n_skipped}
-    if figures is not None: save_figures(figures, labelled.probs, labelled.targets, labelled.paths, names)
+    picture = explained_picture(predictor) if figures is not None else None
+    if figures is not None: save_figures(figures, labelled.probs, labelled.targets, labelled.paths, names, picture=picture)
     if predictor.open_set is None: return metrics
     kept = labelled.p_cat_or_dog >= predictor.threshold
     correct = labelled.probs.argmax(1) == labelled.targets
@@ -76,7 +89,7 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
     metrics["n_outliers_skipped"] = len(outliers) - len(p_outliers)
     if figures is not None:
         readable = [p for p, r in zip(outliers, results) if isinstance(r, Prediction)]
-        open_set_figures(figures, labelled.p_cat_or_dog, p_outliers, predictor.threshold, labelled.paths, readable)
+        open_set_figures(figures, labelled.p_cat_or_dog, p_outliers, predictor.threshold, labelled.paths, readable, picture=picture)
     return metrics
 
 # %% ../nbs/06_evaluation.ipynb #170b4da9
@@ -87,7 +100,7 @@ def eval_cli(argv:list[str]|None=None):
                              [InferenceSettings, EvaluationSettings, "data_dir", *MODEL_SOURCE, "max_image_pixels"],
                              aliases={"--model": "model_dir"})
     parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass")
-    parser.add_argument("--figures", type=Path, default=None, help="Write the figures (confusion, ROC, reliability, mistakes) here")
+    parser.add_argument("--figures", type=Path, default=None, help="Write the figures here: confusion, ROC, reliability, and galleries of the mistakes and of the doubtful 'neither' answers with their heat maps")
     parser.add_argument("--json", action="store_true", help="End with one line of JSON holding every metric")
     settings, args = parse_settings(parser, argv)
     if settings.data_dir is None: parser.error("--data-dir is required: a folder of labelled cat and dog photos")

@@ -26,7 +26,7 @@ from .presets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OpenSetConfig, Pr
 __all__ = ['BACKBONES', 'IMAGENET_PET_CLASSES', 'Backbone', 'register_backbone', 'get_backbone',
            'efficientnet_lite0_imagenet_head', 'efficientnet_lite0', 'mobilenet_v3_small', 'mobilenet_v2', 'small_cnn',
            'OpenSetHead', 'fit_open_set', 'CatsDogsNet', 'build_model', 'code_version', 'config_for_backbone',
-           'export_onnx', 'export_artifact', 'load_model', 'demo_artifact']
+           'output_names', 'export_onnx', 'export_artifact', 'load_model', 'demo_artifact']
 
 # %% ../nbs/03_model.ipynb #a842a0b4
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ class OpenSetHead(nn.Module):
         pets = torch.tensor(IMAGENET_PET_CLASSES)
         others = torch.tensor([c for c in range(1000) if c not in set(IMAGENET_PET_CLASSES)])
         self.register_buffer("pet_classes", pets, persistent=False)
+        self.register_buffer("pet_mask", torch.zeros(1000, dtype=torch.bool).index_fill(0, pets, True), persistent=False)
         self.register_buffer("other_classes", others, persistent=False)
         self.register_buffer("bank", torch.zeros(bank_size, num_features))
         self.register_buffer("center", torch.zeros(2))
@@ -158,6 +159,36 @@ class OpenSetHead(nn.Module):
     def forward(self, features:torch.Tensor) -> torch.Tensor:
         "The open-set score `(N,)`: the standardised signals, summed; higher means more like a cat or dog."
         return ((self.signals(features) - self.center) / self.scale).sum(1)
+
+    def directions(self, features:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Per photo, a direction in feature space for each signal `(N, 2, C)` and an offset `(N, 2)`: each signal is `direction @ features + offset`."
+        f = features.float()
+        signals = self.signals(f)
+        nearest = self.bank.index_select(0, (F.normalize(f, dim=1) @ self.bank.T).topk(self.k, dim=1).indices[:, -1])
+        to_similarity = nearest / f.norm(dim=1, keepdim=True).clamp_min(1e-12)  # exact: the cosine similarity is linear in f
+        linear = _linear_layer(self.imagenet_head)
+        if linear is None: to_log_odds = torch.zeros_like(f)  # the ImageNet signal is then spread evenly over the cells
+        else:  # first order at this photo: the log-odds' gradient, softmax over the pet classes minus softmax over the others
+            z, pets = linear(f), self.pet_mask
+            gradient = (z.masked_fill(~pets, float("-inf")).softmax(1) - z.masked_fill(pets, float("-inf")).softmax(1)) @ linear.weight
+            to_log_odds = gradient
+        direction = torch.stack([to_log_odds, to_similarity], 1)
+        return direction, signals - torch.bmm(direction, f[:, :, None])[..., 0]
+
+    def score_map(self, features:torch.Tensor, # Pooled features `(N, C)`: the mean of `feature_map` over its cells
+                  feature_map:torch.Tensor) -> torch.Tensor: # The backbone's last feature map `(N, C, h, w)`
+        "The open-set score cell by cell, `(N, h, w)`; its mean over the cells is `forward(features)`."
+        direction, offset = self.directions(features)
+        n, _, h, w = feature_map.shape
+        cells = torch.bmm(direction, feature_map.float().flatten(2)) + offset[:, :, None]  # (N, 2, h*w): each signal, cell by cell
+        return ((cells - self.center[None, :, None]) / self.scale[None, :, None]).sum(1).reshape(n, h, w)
+
+def _linear_layer(module:nn.Module|None) -> nn.Linear|None:
+    "`module` as one linear layer (alone, or after dropout), or None."
+    if isinstance(module, nn.Linear): return module
+    if isinstance(module, nn.Sequential) and isinstance(module[-1], nn.Linear) and all(isinstance(m, nn.Dropout) for m in module[:-1]):
+        return module[-1]
+    return None
 
 # %% ../nbs/03_model.ipynb #83985708
 def _quantile(x:torch.Tensor, q:float) -> torch.Tensor:
@@ -214,6 +245,37 @@ class CatsDogsNet(nn.Module):
         features = self.backbone(x)
         return self.head(features), self.open_set(features)
 
+    @property
+    def has_heat_maps(self) -> bool:
+        "Whether the backbone ends in global average pooling of a feature map, so that `feature_map` exists."
+        return _pooled_feature_map(self.backbone) is not None
+
+    def feature_map(self, x) -> torch.Tensor:
+        "The backbone's last feature map `(N, C, h, w)`; its mean over the cells is `self.backbone(x)`."
+        trunk = _pooled_feature_map(self.backbone)
+        if trunk is None: raise NotImplementedError(f"{type(self.backbone).__name__} does not end in global average pooling")
+        return trunk(x)
+
+    def exported(self, x, open_set:bool=True, heat_maps:bool=True) -> tuple[torch.Tensor, ...]:
+        "What the exported graphs return, from one pass: logits, the open-set score (`open_set`) and the class activation `maps` (`heat_maps`)."
+        cells = self.feature_map(x) if heat_maps else None
+        features = cells.mean((2, 3)) if heat_maps else self.backbone(x)
+        outputs = (self.head(features),) + ((self.open_set(features),) if open_set else ())
+        if not heat_maps: return outputs
+        linear = self.head[-1]
+        maps = F.conv2d(cells, linear.weight[:, :, None, None], linear.bias)  # the head on each cell: a 1x1 convolution
+        if open_set: maps = torch.cat([maps, self.open_set.score_map(features, cells)[:, None]], 1)
+        return outputs + (maps,)
+
+def _pooled_feature_map(backbone:nn.Module) -> Callable|None:
+    "The part of `backbone` before its global average pooling (timm models, `Sequential`s ending in pool + flatten), or None."
+    pool = getattr(backbone, "global_pool", None)
+    if hasattr(backbone, "forward_features") and getattr(pool, "pool_type", None) == "avg": return backbone.forward_features
+    if (isinstance(backbone, nn.Sequential) and len(backbone) > 2 and isinstance(backbone[-1], nn.Flatten)
+            and isinstance(backbone[-2], nn.AdaptiveAvgPool2d) and backbone[-2].output_size in (1, (1, 1))):
+        return backbone[:-2]
+    return None
+
 def build_model(architecture:str="efficientnet_lite0", # A name in `BACKBONES`
                 pretrained:bool=True, # Load the backbone's (and its ImageNet classifier's) ImageNet weights
                 num_classes:int=2, dropout:float=0.2,
@@ -246,13 +308,17 @@ def config_for_backbone(architecture:str, # A name in the backbone registry
     return ModelConfig(architecture, image_size, crop_fraction, tuple(spec.mean), tuple(spec.std), **kwargs)
 
 # %% ../nbs/03_model.ipynb #6911c55d
-class _WithOpenSet(nn.Module):
-    "The graph that is exported when the open-set head is fitted: `(logits, open_set_score)`."
-    def __init__(self, model:CatsDogsNet):
+class _Exported(nn.Module):
+    "The graph that is exported: `CatsDogsNet.exported` with the artifact's outputs."
+    def __init__(self, model:CatsDogsNet, open_set:bool, heat_maps:bool):
         super().__init__()
-        self.model = model
+        self.model, self.open_set, self.heat_maps = model, open_set, heat_maps
 
-    def forward(self, x): return self.model.forward_open_set(x)
+    def forward(self, x): return self.model.exported(x, self.open_set, self.heat_maps)
+
+def output_names(config:ModelConfig) -> tuple[str, ...]:
+    "The exported graphs' outputs for an artifact's config, in order."
+    return ("logits",) + (("open_set_score",) if config.open_set else ()) + (("maps",) if config.heat_maps else ())
 
 def export_onnx(model:nn.Module, path:Path, example:torch.Tensor, output_names:tuple=("logits",)):
     "Export `model` to ONNX with a dynamic batch dimension (input `images`, outputs `output_names`)."
@@ -273,7 +339,8 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     example = example.cpu().float()
     config.code_version = config.code_version or code_version()
     config.created = config.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    graph, outputs = (_WithOpenSet(model).eval(), ("logits", "open_set_score")) if config.open_set else (model, ("logits",))
+    config.heat_maps = model.has_heat_maps
+    graph, outputs = _Exported(model, bool(config.open_set), config.heat_maps).eval(), output_names(config)
     with torch.no_grad():
         expected = _as_tuple(graph(example))
         scripted = torch.jit.trace(graph, example)

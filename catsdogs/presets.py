@@ -130,13 +130,17 @@ def load_image(source:Path|str|bytes, # A path or the file's bytes
                draft_size:int|None=None, # JPEG: decode at the smallest scale with both sides >= this
                max_pixels:int|None=None, # Refuse larger images before decoding
               ) -> Image.Image:
-    "Decode an image file into an upright RGB PIL image, or raise `ImageError`."
+    "Decode an image file into an upright RGB PIL image, or raise `ImageError`; `info[\"original_size\"]` is its upright size before any draft scaling."
     try:
         img = _open_image(source, max_pixels)
+        original = img.size
         if draft_size and img.format == "JPEG": img.draft("RGB", (draft_size, draft_size))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        upright = ImageOps.exif_transpose(img)
+        if upright.size != img.size: original = original[::-1]  # turned a quarter by its EXIF orientation
+        rgb = to_rgb(upright)
+        rgb.info["original_size"] = original
+        return rgb
     except (ImageError, FileNotFoundError): raise
     except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what PIL's many decoders raise
@@ -174,6 +178,7 @@ class ModelConfig:
     dataset_version: str = ""
     metrics: dict = field(default_factory=dict)
     int8: dict|None = None # What `quantize_artifact` measured of `model.int8.onnx` (see the engines notebook); None: no int8 model
+    heat_maps: bool = False # The exported graphs' last output is `maps`: the class activation maps (see the model notebook)
     code_version: str = ""
     created: str = ""
 
@@ -215,15 +220,24 @@ class Preset:
         "Decode `source` with `load_image`, JPEGs at the smallest draft scale that covers `resize_size`."
         return load_image(source, draft_size=self.resize_size, max_pixels=max_pixels)
 
-    def eval_crop(self, img:Image.Image) -> Image.Image:
-        "Resize the shorter side to `resize_size` (antialiased bilinear), then centre-crop `image_size`."
-        w, h = img.size
+    def _resized(self, size:tuple[int, int]) -> tuple[tuple[int, int], int, int]:
+        "The size an image of `size` is resized to, and the centre crop's left and top in it."
+        w, h = size
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(self.resize_size * long / short)
-        size = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
+        resized = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
+        return resized, int(round((resized[0] - self.image_size) / 2.0)), int(round((resized[1] - self.image_size) / 2.0))
+
+    def eval_crop(self, img:Image.Image) -> Image.Image:
+        "Resize the shorter side to `resize_size` (antialiased bilinear), then centre-crop `image_size`."
+        size, left, top = self._resized(img.size)
         if size != img.size: img = img.resize(size, Image.Resampling.BILINEAR)
-        left, top = int(round((size[0] - self.image_size) / 2.0)), int(round((size[1] - self.image_size) / 2.0))
         return img.crop((left, top, left + self.image_size, top + self.image_size))
+
+    def eval_box(self, size:tuple[int, int]) -> tuple[float, float, float, float]:
+        "The region of an image of `size` (width, height) that `eval_crop` keeps: `(left, top, right, bottom)` as fractions of its sides."
+        (w, h), left, top = self._resized(size)
+        return left / w, top / h, (left + self.image_size) / w, (top + self.image_size) / h
 
     def normalize(self, pixels:np.ndarray) -> np.ndarray:
         "`(H, W, 3)` uint8 pixels to a normalised `(3, H, W)` float32 array."

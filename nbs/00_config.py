@@ -109,6 +109,8 @@ class InferenceSettings(_Section):
     open_set: bool = Field(True, description="Answer 'neither' for photos that show no cat or dog; --no-open-set: always cat or dog")
     open_set_threshold: float | None = Field(None, ge=0, le=1, description="Answer 'neither' below this p_cat_or_dog; unset: the model artifact's threshold")
     threads: int = Field(0, ge=0, description="Inference threads; 0: one per core")
+    heat_map_max_side: int = Field(1024, ge=16, description="Heat-map overlays have the photo's size, scaled down to at most this many pixels on the longer side")
+    heat_map_opacity: float = Field(0.6, gt=0, le=1, description="Opacity of the strongest heat in heat-map pictures (catsdogs_predict --explain, catsdogs_eval --figures)")
 
 class EvaluationSettings(_Section):
     "What `catsdogs_eval` measures on besides the labelled folder (`data_dir`)."

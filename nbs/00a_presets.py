@@ -203,13 +203,17 @@ def load_image(source:Path|str|bytes, # A path or the file's bytes
                draft_size:int|None=None, # JPEG: decode at the smallest scale with both sides >= this
                max_pixels:int|None=None, # Refuse larger images before decoding
               ) -> Image.Image:
-    "Decode an image file into an upright RGB PIL image, or raise `ImageError`."
+    "Decode an image file into an upright RGB PIL image, or raise `ImageError`; `info[\"original_size\"]` is its upright size before any draft scaling."
     try:
         img = _open_image(source, max_pixels)
+        original = img.size
         if draft_size and img.format == "JPEG": img.draft("RGB", (draft_size, draft_size))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        upright = ImageOps.exif_transpose(img)
+        if upright.size != img.size: original = original[::-1]  # turned a quarter by its EXIF orientation
+        rgb = to_rgb(upright)
+        rgb.info["original_size"] = original
+        return rgb
     except (ImageError, FileNotFoundError): raise
     except Image.DecompressionBombError as e: raise ImageError("too many pixels", str(e)) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what PIL's many decoders raise
@@ -240,6 +244,17 @@ img.reduce(2)  # shown at half size
 exif = Image.Exif(); exif[0x0112] = 6  # Orientation: rotate 90 CW on display
 buf = io.BytesIO(); Image.new("RGB", (40, 20)).save(buf, format="JPEG", exif=exif)
 test_eq(load_image(buf.getvalue()).size, (20, 40))
+test_eq(load_image(buf.getvalue()).info["original_size"], (20, 40))
+
+# %% [markdown]
+# With `draft_size`, a large JPEG decodes at a reduced scale (here a quarter), and
+# `info["original_size"]` still says how large the photo is, for anything drawn back onto it:
+
+# %%
+buf = io.BytesIO(); Image.new("RGB", (2000, 1200)).save(buf, format="JPEG")
+drafted = load_image(buf.getvalue(), draft_size=300)
+test_eq((drafted.size, drafted.info["original_size"]), ((500, 300), (2000, 1200)))
+drafted.size, drafted.info["original_size"]
 
 
 # %% [markdown]
@@ -284,6 +299,7 @@ class ModelConfig:
     dataset_version: str = ""
     metrics: dict = field(default_factory=dict)
     int8: dict|None = None # What `quantize_artifact` measured of `model.int8.onnx` (see the engines notebook); None: no int8 model
+    heat_maps: bool = False # The exported graphs' last output is `maps`: the class activation maps (see the model notebook)
     code_version: str = ""
     created: str = ""
 
@@ -352,15 +368,24 @@ class Preset:
         "Decode `source` with `load_image`, JPEGs at the smallest draft scale that covers `resize_size`."
         return load_image(source, draft_size=self.resize_size, max_pixels=max_pixels)
 
-    def eval_crop(self, img:Image.Image) -> Image.Image:
-        "Resize the shorter side to `resize_size` (antialiased bilinear), then centre-crop `image_size`."
-        w, h = img.size
+    def _resized(self, size:tuple[int, int]) -> tuple[tuple[int, int], int, int]:
+        "The size an image of `size` is resized to, and the centre crop's left and top in it."
+        w, h = size
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(self.resize_size * long / short)
-        size = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
+        resized = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
+        return resized, int(round((resized[0] - self.image_size) / 2.0)), int(round((resized[1] - self.image_size) / 2.0))
+
+    def eval_crop(self, img:Image.Image) -> Image.Image:
+        "Resize the shorter side to `resize_size` (antialiased bilinear), then centre-crop `image_size`."
+        size, left, top = self._resized(img.size)
         if size != img.size: img = img.resize(size, Image.Resampling.BILINEAR)
-        left, top = int(round((size[0] - self.image_size) / 2.0)), int(round((size[1] - self.image_size) / 2.0))
         return img.crop((left, top, left + self.image_size, top + self.image_size))
+
+    def eval_box(self, size:tuple[int, int]) -> tuple[float, float, float, float]:
+        "The region of an image of `size` (width, height) that `eval_crop` keeps: `(left, top, right, bottom)` as fractions of its sides."
+        (w, h), left, top = self._resized(size)
+        return left / w, top / h, (left + self.image_size) / w, (top + self.image_size) / h
 
     def normalize(self, pixels:np.ndarray) -> np.ndarray:
         "`(H, W, 3)` uint8 pixels to a normalised `(3, H, W)` float32 array."
@@ -407,6 +432,16 @@ test_eq((preset.resize_size, x.shape, x.dtype), (329, (3, 288, 288), np.float32)
 test_eq(preset.mean, (0.498,) * 3)
 test_eq(min(preset.eval_crop(img).size), 288)
 preset, img.size, x.shape, float(x.mean())
+
+# %% [markdown]
+# `eval_box` says which part of a photo the model sees: the whole of the shorter side's
+# `crop_fraction`, centred. Heat maps are drawn back onto the photo in that box.
+
+# %%
+test_close(preset.eval_box((400, 400)), (0.0625, 0.0625, 0.9375, 0.9375), eps=5e-3)
+left, top, right, bottom = preset.eval_box((800, 400))  # a wide photo: most of its width is cut
+test_close((right - left, bottom - top), (0.4375, 0.875), eps=1e-3)
+preset.eval_box(img.size)
 
 # %% [markdown]
 # `stack` is the same path for a batch: files, bytes or decoded images in, one float32 array out.

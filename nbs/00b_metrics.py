@@ -25,8 +25,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from catsdogs.presets import load_image
 
@@ -161,21 +163,23 @@ def reliability_diagram(probs:np.ndarray, targets:np.ndarray):
            xlim=(0.45, 1.0), ylim=(0, 1.02)); ax.legend()
     return fig
 
-def worst_mistakes(probs:np.ndarray, targets:np.ndarray, paths:list[Path], class_names:tuple=("cat", "dog"), n_worst:int=12):
+def worst_mistakes(probs:np.ndarray, targets:np.ndarray, paths:list[Path], class_names:tuple=("cat", "dog"), n_worst:int=12,
+                   picture:Callable[[Path], Image.Image]|None=None): # What to draw of a photo (the evaluation draws its heat map); default: the photo
     "The photos given the lowest probability of their true class, with that probability."
     true_prob = probs[np.arange(len(targets)), targets]
     worst = np.argsort(true_prob)[:n_worst]
     fig, axes = _plt().subplots(2, (len(worst) + 1) // 2 or 1, figsize=(12, 4.6), squeeze=False)
     for ax in axes.flat: ax.axis("off")
     for ax, i in zip(axes.flat, worst):
-        ax.imshow(load_image(paths[i], draft_size=256))
+        ax.imshow(picture(paths[i]) if picture else load_image(paths[i], draft_size=256))
         ax.set_title(f"{Path(paths[i]).name}\ntrue {class_names[targets[i]]}, P={true_prob[i]:.2f}", fontsize=8)
     return fig
 
 def save_figures(out:Path, # Folder for the PNGs
                  probs:np.ndarray, targets:np.ndarray, paths:list[Path], class_names:tuple=("cat", "dog"),
                  history:list[dict]|None=None, # Per-epoch records of a training run: adds the training curves
-                 n_worst:int=12) -> list[Path]:
+                 n_worst:int=12,
+                 picture:Callable[[Path], Image.Image]|None=None) -> list[Path]: # What the mistakes gallery draws of a photo
     "Write the evaluation figures to `out`; returns their paths."
     from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
     plt, out = _plt(), Path(out)
@@ -190,7 +194,7 @@ def save_figures(out:Path, # Folder for the PNGs
         RocCurveDisplay.from_predictions(targets, probs[:, 1], ax=ax, name=class_names[1])
         written.append(_save(fig, out/"roc.png", dpi=90))
     written.append(_save(reliability_diagram(probs, targets), out/"reliability.png", dpi=90))
-    written.append(_save(worst_mistakes(probs, targets, paths, class_names, n_worst), out/"worst_mistakes.png", dpi=90))
+    written.append(_save(worst_mistakes(probs, targets, paths, class_names, n_worst, picture), out/"worst_mistakes.png", dpi=90))
     return written
 
 
@@ -242,7 +246,8 @@ def _log_odds(p:np.ndarray) -> np.ndarray:
 def open_set_figures(out:Path, # Folder for the PNGs
                      p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dogs
                      p_outliers:np.ndarray, # p_cat_or_dog of photos of neither
-                     threshold:float, pet_paths:list[Path], outlier_paths:list[Path], n_gallery:int=6) -> list[Path]:
+                     threshold:float, pet_paths:list[Path], outlier_paths:list[Path], n_gallery:int=6,
+                     picture:Callable[[Path], Image.Image]|None=None) -> list[Path]: # What the gallery draws of a photo; default: the photo
     "Write the score histograms (PNG) and the gallery of the hardest outliers and pets (JPEG) to `out`; returns their paths."
     plt, out = _plt(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +264,7 @@ def open_set_figures(out:Path, # Folder for the PNGs
     fig, axes = plt.subplots(2, n_gallery, figsize=(1.7 * n_gallery, 4), squeeze=False)
     for ax in axes.flat: ax.axis("off")
     for ax, (path, p) in zip(axes.flat, hardest):
-        ax.imshow(load_image(path, draft_size=128).resize((128, 128)))
+        ax.imshow((picture(path) if picture else load_image(path, draft_size=128)).resize((128, 128)))
         ax.set_title(f"{Path(path).parent.name}\np={p:.2f} {'passes' if p >= threshold else 'refused'}", fontsize=7)
     axes[0, 0].text(-0.1, 0.5, "neither,\nhighest", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=8)
     axes[1, 0].text(-0.1, 0.5, "cats, dogs,\nlowest", transform=axes[1, 0].transAxes, ha="right", va="center", fontsize=8)

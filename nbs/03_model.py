@@ -241,6 +241,7 @@ class OpenSetHead(nn.Module):
         pets = torch.tensor(IMAGENET_PET_CLASSES)
         others = torch.tensor([c for c in range(1000) if c not in set(IMAGENET_PET_CLASSES)])
         self.register_buffer("pet_classes", pets, persistent=False)
+        self.register_buffer("pet_mask", torch.zeros(1000, dtype=torch.bool).index_fill(0, pets, True), persistent=False)
         self.register_buffer("other_classes", others, persistent=False)
         self.register_buffer("bank", torch.zeros(bank_size, num_features))
         self.register_buffer("center", torch.zeros(2))
@@ -258,6 +259,36 @@ class OpenSetHead(nn.Module):
     def forward(self, features:torch.Tensor) -> torch.Tensor:
         "The open-set score `(N,)`: the standardised signals, summed; higher means more like a cat or dog."
         return ((self.signals(features) - self.center) / self.scale).sum(1)
+
+    def directions(self, features:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Per photo, a direction in feature space for each signal `(N, 2, C)` and an offset `(N, 2)`: each signal is `direction @ features + offset`."
+        f = features.float()
+        signals = self.signals(f)
+        nearest = self.bank.index_select(0, (F.normalize(f, dim=1) @ self.bank.T).topk(self.k, dim=1).indices[:, -1])
+        to_similarity = nearest / f.norm(dim=1, keepdim=True).clamp_min(1e-12)  # exact: the cosine similarity is linear in f
+        linear = _linear_layer(self.imagenet_head)
+        if linear is None: to_log_odds = torch.zeros_like(f)  # the ImageNet signal is then spread evenly over the cells
+        else:  # first order at this photo: the log-odds' gradient, softmax over the pet classes minus softmax over the others
+            z, pets = linear(f), self.pet_mask
+            gradient = (z.masked_fill(~pets, float("-inf")).softmax(1) - z.masked_fill(pets, float("-inf")).softmax(1)) @ linear.weight
+            to_log_odds = gradient
+        direction = torch.stack([to_log_odds, to_similarity], 1)
+        return direction, signals - torch.bmm(direction, f[:, :, None])[..., 0]
+
+    def score_map(self, features:torch.Tensor, # Pooled features `(N, C)`: the mean of `feature_map` over its cells
+                  feature_map:torch.Tensor) -> torch.Tensor: # The backbone's last feature map `(N, C, h, w)`
+        "The open-set score cell by cell, `(N, h, w)`; its mean over the cells is `forward(features)`."
+        direction, offset = self.directions(features)
+        n, _, h, w = feature_map.shape
+        cells = torch.bmm(direction, feature_map.float().flatten(2)) + offset[:, :, None]  # (N, 2, h*w): each signal, cell by cell
+        return ((cells - self.center[None, :, None]) / self.scale[None, :, None]).sum(1).reshape(n, h, w)
+
+def _linear_layer(module:nn.Module|None) -> nn.Linear|None:
+    "`module` as one linear layer (alone, or after dropout), or None."
+    if isinstance(module, nn.Linear): return module
+    if isinstance(module, nn.Sequential) and isinstance(module[-1], nn.Linear) and all(isinstance(m, nn.Dropout) for m in module[:-1]):
+        return module[-1]
+    return None
 
 
 # %% [markdown]
@@ -356,6 +387,37 @@ class CatsDogsNet(nn.Module):
         features = self.backbone(x)
         return self.head(features), self.open_set(features)
 
+    @property
+    def has_heat_maps(self) -> bool:
+        "Whether the backbone ends in global average pooling of a feature map, so that `feature_map` exists."
+        return _pooled_feature_map(self.backbone) is not None
+
+    def feature_map(self, x) -> torch.Tensor:
+        "The backbone's last feature map `(N, C, h, w)`; its mean over the cells is `self.backbone(x)`."
+        trunk = _pooled_feature_map(self.backbone)
+        if trunk is None: raise NotImplementedError(f"{type(self.backbone).__name__} does not end in global average pooling")
+        return trunk(x)
+
+    def exported(self, x, open_set:bool=True, heat_maps:bool=True) -> tuple[torch.Tensor, ...]:
+        "What the exported graphs return, from one pass: logits, the open-set score (`open_set`) and the class activation `maps` (`heat_maps`)."
+        cells = self.feature_map(x) if heat_maps else None
+        features = cells.mean((2, 3)) if heat_maps else self.backbone(x)
+        outputs = (self.head(features),) + ((self.open_set(features),) if open_set else ())
+        if not heat_maps: return outputs
+        linear = self.head[-1]
+        maps = F.conv2d(cells, linear.weight[:, :, None, None], linear.bias)  # the head on each cell: a 1x1 convolution
+        if open_set: maps = torch.cat([maps, self.open_set.score_map(features, cells)[:, None]], 1)
+        return outputs + (maps,)
+
+def _pooled_feature_map(backbone:nn.Module) -> Callable|None:
+    "The part of `backbone` before its global average pooling (timm models, `Sequential`s ending in pool + flatten), or None."
+    pool = getattr(backbone, "global_pool", None)
+    if hasattr(backbone, "forward_features") and getattr(pool, "pool_type", None) == "avg": return backbone.forward_features
+    if (isinstance(backbone, nn.Sequential) and len(backbone) > 2 and isinstance(backbone[-1], nn.Flatten)
+            and isinstance(backbone[-2], nn.AdaptiveAvgPool2d) and backbone[-2].output_size in (1, (1, 1))):
+        return backbone[:-2]
+    return None
+
 def build_model(architecture:str="efficientnet_lite0", # A name in `BACKBONES`
                 pretrained:bool=True, # Load the backbone's (and its ImageNet classifier's) ImageNet weights
                 num_classes:int=2, dropout:float=0.2,
@@ -377,6 +439,38 @@ test_eq(isinstance(model, CatsDogsNet), True)
 test_eq(model(torch.zeros(3, 3, 224, 224)).shape, (3, 2))
 sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+# %% [markdown]
+# ## Heat maps: where the answer comes from
+#
+# Every backbone here ends in global average pooling: the features are the mean of the last
+# feature map's cells (9x9 cells of 32 pixels at 288 px), and the head is linear. So the head
+# applied to each cell alone gives a map whose mean is exactly the logit: the **class activation
+# map** (CAM, Zhou et al. 2016), a by-product of the forward pass. `exported` returns these maps
+# as a last output, `maps` `(N, channels, h, w)`: one channel per class (its logit, cell by cell)
+# and, with the open-set head, a third channel, the open-set score cell by cell:
+#
+# - its **similarity** part is exact: the cosine similarity to the nearest training photo is the
+#   mean of each cell's dot product with that photo's feature (over the photo's feature norm);
+# - its **ImageNet log-odds** part is a first-order view: each cell's features times the
+#   log-odds' gradient at this photo. The cells do not add up independently, so a value says
+#   how a region pushes the score at this photo, not what the score of that region alone would be.
+#
+# The mean of every channel over the cells is its output (logit, open-set score), which the
+# example checks. What a map cannot show: anything finer than a cell, and anything outside the
+# centre crop the model sees (`Preset.eval_box`). The predictor turns these channels into the
+# evidence for its answer (the inference notebook).
+
+# %%
+x = torch.randn(2, 3, 288, 288)
+model.open_set.bank = F.normalize(torch.randn(16, 1280), dim=1)  # a stand-in for a fitted bank
+with torch.no_grad():
+    logits, score, maps = model.exported(x)
+    test_close(maps[:, :2].mean((2, 3)), logits, eps=1e-4)  # each class map averages to its logit
+    test_close(maps[:, 2].mean((1, 2)), score, eps=1e-4)    # the open-set map to the open-set score
+    test_close(model.exported(x, open_set=False, heat_maps=False)[0], model(x), eps=1e-5)
+test_eq((model.has_heat_maps, build_model("small_cnn", pretrained=False).has_heat_maps), (True, True))
+maps.shape
+
 
 # %% [markdown]
 # ## The model artifact
@@ -386,8 +480,8 @@ sum(p.numel() for p in model.parameters() if p.requires_grad)
 # - `weights.pt`: the state dict;
 # - `model_config.json`: architecture, image size, crop, normalisation, class names, softmax
 #   temperature, the open-set head's numbers and threshold, dataset version, metrics, code version;
-# - `model.ts` (TorchScript) and `model.onnx` (ONNX, dynamic batch), both producing logits and,
-#   once the open-set head is fitted, a second output `open_set_score`;
+# - `model.ts` (TorchScript) and `model.onnx` (ONNX, dynamic batch), both producing logits, then,
+#   once the open-set head is fitted, `open_set_score`, then the heat maps `maps` (below);
 # - `check_images/`: a few real validation photos, on which the predictor checks that a faster
 #   engine (OpenVINO, bf16) agrees with the reference before it serves with it.
 #
@@ -415,18 +509,23 @@ def config_for_backbone(architecture:str, # A name in the backbone registry
 
 # %% [markdown]
 # `export_artifact` writes the directory; the TorchScript and ONNX graphs are checked against
-# the eager model on the example batch before anything is written. With a fitted open-set head
-# the exported graph is `_WithOpenSet`: one pass, two outputs.
+# the eager model on the example batch before anything is written. The exported graph is
+# `CatsDogsNet.exported`: one pass, with the outputs `output_names` lists (logits, then the
+# open-set score once the head is fitted, then the heat maps where the backbone has them).
 
 # %%
 #| export
-class _WithOpenSet(nn.Module):
-    "The graph that is exported when the open-set head is fitted: `(logits, open_set_score)`."
-    def __init__(self, model:CatsDogsNet):
+class _Exported(nn.Module):
+    "The graph that is exported: `CatsDogsNet.exported` with the artifact's outputs."
+    def __init__(self, model:CatsDogsNet, open_set:bool, heat_maps:bool):
         super().__init__()
-        self.model = model
+        self.model, self.open_set, self.heat_maps = model, open_set, heat_maps
 
-    def forward(self, x): return self.model.forward_open_set(x)
+    def forward(self, x): return self.model.exported(x, self.open_set, self.heat_maps)
+
+def output_names(config:ModelConfig) -> tuple[str, ...]:
+    "The exported graphs' outputs for an artifact's config, in order."
+    return ("logits",) + (("open_set_score",) if config.open_set else ()) + (("maps",) if config.heat_maps else ())
 
 def export_onnx(model:nn.Module, path:Path, example:torch.Tensor, output_names:tuple=("logits",)):
     "Export `model` to ONNX with a dynamic batch dimension (input `images`, outputs `output_names`)."
@@ -447,7 +546,8 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     example = example.cpu().float()
     config.code_version = config.code_version or code_version()
     config.created = config.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    graph, outputs = (_WithOpenSet(model).eval(), ("logits", "open_set_score")) if config.open_set else (model, ("logits",))
+    config.heat_maps = model.has_heat_maps
+    graph, outputs = _Exported(model, bool(config.open_set), config.heat_maps).eval(), output_names(config)
     with torch.no_grad():
         expected = _as_tuple(graph(example))
         scripted = torch.jit.trace(graph, example)
@@ -513,10 +613,12 @@ with tempfile.TemporaryDirectory() as tmp:
     reloaded, reloaded_config = load_model(tmp)
     test_eq(reloaded_config.open_set, config.open_set)
     session = ort.InferenceSession(f"{tmp}/model.onnx", providers=["CPUExecutionProvider"])
-    test_eq([o.name for o in session.get_outputs()], ["logits", "open_set_score"])
+    test_eq([o.name for o in session.get_outputs()], list(output_names(config)))
+    test_eq(output_names(config), ("logits", "open_set_score", "maps"))
     x = torch.randn(3, 3, 64, 64)
-    logits, score = session.run(None, {"images": x.numpy()})
+    logits, score, maps = session.run(None, {"images": x.numpy()})
     with torch.no_grad(): test_close(score, reloaded.forward_open_set(x)[1].numpy(), eps=1e-3)
+    test_eq(maps.shape, (3, 3, 4, 4))  # cat, dog and open-set maps on a 4x4 grid (64 px, four stride-2 blocks)
 reloaded_config.open_set
 
 

@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from catsdogs.config import MODEL_SOURCE, DataSettings, InferenceSettings, ModelSettings, Settings, parse_settings, settings_parser
 from catsdogs.engines import default_threads, load_engine, softmax
-from catsdogs.presets import CLASS_NAMES, ImageError, ModelConfig, Preset
+from catsdogs.presets import CLASS_NAMES, ImageError, ModelConfig, OpenSetConfig, Preset, load_image
 
 # %%
 #| hide
@@ -84,6 +85,15 @@ sorted(p.name for p in artifact.iterdir())
 NEITHER = "neither"
 
 @dataclass
+class Explanation:
+    "Where an answer comes from: each cell's evidence for `label`, on a grid over the part of the photo the model saw."
+    label: str # The answer it explains
+    grid: list[list[float]] # Rows top to bottom; each cell's evidence for `label`, in log-odds: positive speaks for it
+    box: tuple[float, float, float, float] # The region of the photo the grid covers: left, top, right, bottom, as fractions of its sides
+    size: tuple[int, int] # The photo's width and height in pixels
+    pet_grid: list[list[float]]|None = None # Each cell's evidence that the photo shows a cat or a dog at all, in log-odds; None: closed set
+
+@dataclass
 class Prediction:
     "The answer for one image: the label, its probability, every class's probability given a cat or dog, P(dog), P(cat or dog)."
     label: str # "cat", "dog", or "neither" when the photo does not look like a cat or a dog
@@ -91,6 +101,7 @@ class Prediction:
     probabilities: dict[str, float] # Each class's probability, given that the photo shows one of them
     p_dog: float
     p_cat_or_dog: float|None = None # Probability that the photo shows a cat or a dog at all; None: closed set
+    explanation: Explanation|None = None # Where the answer comes from, when asked for (`predict_batch(explain=True)`)
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -131,6 +142,63 @@ preds = to_predictions(softmax(np.array([[0.0, 2.0], [3.0, 0.0]])), p_cat_or_dog
 test_eq([p.label for p in preds], ["dog", "neither"])
 test_close(preds[1].confidence, 0.9, eps=1e-9)
 preds[1]
+
+# %% [markdown]
+# ## Evidence, cell by cell
+#
+# The exported graph's last output, `maps`, holds each class's logit cell by cell and the
+# open-set score cell by cell (see the model notebook). `evidence_grids` turns them into the
+# evidence for each answer, in the units the answer is decided in, log-odds:
+#
+# - for "cat" (or "dog"): the class's logit minus the other's, over the temperature (the
+#   log-odds of cat against dog), plus the cell's log-odds of "cat or dog at all",
+#   `slope * score + offset`, with the open-set head;
+# - for "neither": minus that last one, the log-odds of "neither".
+#
+# The grid's mean is the answer's log-odds (for "cat", the sum of the two that lead to it). A
+# positive cell speaks for the answer, a negative one against it; cells are 32 pixels of the
+# model's 288 px input.
+
+# %%
+#| export
+NO_HEAT_MAPS = ("{model_dir} has no heat maps: its graphs were exported without the `maps` output; "
+                "export them again with: python scripts/quantize_model.py {model_dir} --export")
+
+def evidence_grids(maps:np.ndarray, # The graph's `maps` `(N, classes (+1 with the open-set head), h, w)`
+                   labels:Sequence[str], # The answers to explain
+                   temperature:float=1.0,
+                   open_set:OpenSetConfig|None=None, # The fitted open-set head; None: closed set
+                   class_names:Sequence[str]=CLASS_NAMES) -> tuple[np.ndarray, np.ndarray|None]:
+    "Each answer's evidence for its label `(N, h, w)`, and for \"cat or dog\" at all (None when closed set), in log-odds per cell."
+    maps = np.asarray(maps, dtype=np.float64)
+    logits = maps[:, :len(class_names)] / temperature
+    pet = None if open_set is None else open_set.slope * maps[:, len(class_names)] + open_set.offset
+    grids = []
+    for i, label in enumerate(labels):
+        if label == NEITHER: grids.append(-pet[i]); continue
+        k = class_names.index(label)
+        against = np.delete(logits[i], k, axis=0).max(0)  # two classes: the other one
+        grids.append(logits[i, k] - against + (0 if pet is None else pet[i]))
+    return np.stack(grids), pet
+
+def _rounded(grid:np.ndarray) -> list[list[float]]:
+    "A grid as nested lists of floats with 4 decimals (JSON-sized)."
+    return np.round(grid, 4).tolist()
+
+
+# %% [markdown]
+# On made-up maps of a 2x2 grid: the cat's logit is high on the left, and the open-set score is
+# high there too, so the evidence for "cat" sits on the left; the mean of the grid is the log-odds
+# of cat against dog plus that of "cat or dog".
+
+# %%
+made_up = np.zeros((1, 3, 2, 2)); made_up[0, 0, :, 0] = 4.0; made_up[0, 2, :, 0] = 1.0
+made_up_open_set = OpenSetConfig(threshold=0.3, k=1, bank_size=1, slope=3.0, offset=1.0, keep_rate=0.99, val_kept=1.0)
+grid, pet_grid = evidence_grids(made_up, ["cat"], open_set=made_up_open_set)
+test_eq(grid[0].tolist(), [[8.0, 1.0], [8.0, 1.0]])
+test_close(grid[0].mean(), (4.0 / 2) + (3.0 * 0.5 + 1.0), eps=1e-9)  # mean logit difference + mean pet log-odds
+test_eq(evidence_grids(made_up, ["neither"], open_set=made_up_open_set)[0][0].tolist(), (-pet_grid[0]).tolist())
+grid[0]
 
 
 # %% [markdown]
@@ -177,53 +245,83 @@ class Predictor:
     def preprocess(self, source:Path|str|bytes,
                    max_pixels:int|None=None) -> np.ndarray: # Overrides the predictor's own limit
         "Decode `source` (path or bytes) with the artifact's preset: a `(3, H, W)` float32 array, or `ImageError`."
-        return self.preset.eval_array(self.preset.load(source, max_pixels=max_pixels or self.max_pixels))
+        return self._prepare(source, max_pixels)[0]
 
-    def scores(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
-        "Calibrated class probabilities `(N, classes)` and `p_cat_or_dog` `(N,)` (None when closed-set), averaged with the mirror under TTA."
+    def _prepare(self, source:Path|str|bytes, max_pixels:int|None=None) -> tuple[np.ndarray, tuple]:
+        "The model input of `source`, and where it lies in the photo: `(photo size, eval box)`."
+        img = self.preset.load(source, max_pixels=max_pixels or self.max_pixels)
+        return self.preset.eval_array(img), (img.info.get("original_size", img.size), self.preset.eval_box(img.size))
+
+    def _forward(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None, np.ndarray|None]:
+        "Probabilities, the open-set score (None: closed set) and the heat maps (None: none in the graph), averaged with the mirror under TTA."
         x = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
         n = len(x)
         if self.tta: x = np.ascontiguousarray(np.concatenate([x, x[..., ::-1]]))
         outputs = self.run(x)
         probs = softmax(outputs[0], self.config.temperature)
-        score = outputs[1] if self.open_set is not None and len(outputs) > 1 else None
+        score = outputs[1] if self.open_set is not None and self.config.open_set is not None else None
+        maps = outputs[-1] if self.config.heat_maps else None
         if self.tta:  # probabilities averaged, the open-set score too (before the sigmoid, the scale its threshold was set on)
             probs = (probs[:n] + probs[n:]) / 2
             if score is not None: score = (score[:n] + score[n:]) / 2
+            if maps is not None: maps = (maps[:n] + maps[n:, ..., ::-1]) / 2  # the mirror's maps, mirrored back
+        return probs, score, maps
+
+    def scores(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
+        "Calibrated class probabilities `(N, classes)` and `p_cat_or_dog` `(N,)` (None when closed-set), averaged with the mirror under TTA."
+        probs, score, _ = self._forward(batch)
         return probs, None if score is None else self.open_set.probability(score)
 
     def probabilities(self, batch:np.ndarray) -> np.ndarray:
         "Calibrated class probabilities `(N, classes)` for a preprocessed batch, averaged with the mirror image under TTA."
         return self.scores(batch)[0]
 
-    def predict_arrays(self, batch:np.ndarray) -> list[Prediction]:
+    def predict_arrays(self, batch:np.ndarray,
+                       places:Sequence[tuple]|None=None, # Each image's (photo size, eval box): explain the answers
+                       ) -> list[Prediction]:
         "One `Prediction` per preprocessed image in `batch` (`(N, 3, H, W)` float32): the forward pass and the answers."
-        probs, p_any = self.scores(batch)
-        return to_predictions(probs, self.config.class_names, p_any, self.threshold if self.threshold is not None else 0.5)
+        probs, score, maps = self._forward(batch)
+        p_any = None if score is None else self.open_set.probability(score)
+        answers = to_predictions(probs, self.config.class_names, p_any, self.threshold if self.threshold is not None else 0.5)
+        if places is not None:
+            grids, pet_grids = evidence_grids(maps, [a.label for a in answers], self.config.temperature,
+                                              self.open_set if score is not None else None)
+            for i, (answer, (size, box)) in enumerate(zip(answers, places)):
+                answer.explanation = Explanation(answer.label, _rounded(grids[i]), tuple(round(b, 5) for b in box), tuple(size),
+                                                 None if pet_grids is None else _rounded(pet_grids[i]))
+        return answers
 
     def predict_batch(self, sources:Sequence[Path|str|bytes], # Files or their bytes
                       batch_size:int=32, # Most images per forward pass
                       max_pixels:int|None=None, # Overrides the predictor's own limit
                       on_forward:Callable[[int, float], None]|None=None, # Told each forward pass's size and seconds
+                      explain:bool|Sequence[bool]=False, # Add an `Explanation` to the answers (all, or one flag per source)
                       ) -> list[Prediction|Exception]:
         "A `Prediction` for each source, or the error (`ImageError` for unusable images) in its place; the next batch decodes while one runs."
-        chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+        flags = [explain] * len(sources) if isinstance(explain, bool) else list(explain)
+        if any(flags) and not self.config.heat_maps: raise ValueError(NO_HEAT_MAPS.format(model_dir=self.model_dir))
+        chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]
         results: list = []
-        pending = self._decode(chunks[0], max_pixels) if chunks else None
-        for i in range(len(chunks)):
+        pending = self._decode([sources[j] for j in chunks[0]], max_pixels) if chunks else None
+        for i, chunk in enumerate(chunks):
             decoded = list(pending)
-            pending = self._decode(chunks[i + 1], max_pixels) if i + 1 < len(chunks) else None  # decodes during the forward pass
-            good = [x for x in decoded if isinstance(x, np.ndarray)]
+            if i + 1 < len(chunks): pending = self._decode([sources[j] for j in chunks[i + 1]], max_pixels)  # decodes during this pass
+            good = [(x, flags[j]) for x, j in zip(decoded, chunk) if not isinstance(x, Exception)]
             start = time.perf_counter()
-            answers = iter(self.predict_arrays(np.stack(good)) if good else [])
+            answers = iter(self.predict_arrays(np.stack([x for (x, _), _ in good]),
+                                               [place for (_, place), _ in good] if any(f for _, f in good) else None) if good else [])
             if good and on_forward: on_forward(len(good), time.perf_counter() - start)
-            results += [next(answers) if isinstance(x, np.ndarray) else x for x in decoded]
+            for x, j in zip(decoded, chunk):
+                if isinstance(x, Exception): results.append(x); continue
+                answer = next(answers)
+                if not flags[j]: answer.explanation = None
+                results.append(answer)
         return results
 
     def _decode(self, chunk:Sequence, max_pixels:int|None):
-        "The model inputs (or errors) of `chunk`, decoding on the predictor's threads (one image: in this thread)."
-        def decode(source) -> np.ndarray|Exception:
-            try: return self.preprocess(source, max_pixels)
+        "The model inputs and places (or errors) of `chunk`, decoding on the predictor's threads (one image: in this thread)."
+        def decode(source) -> tuple|Exception:
+            try: return self._prepare(source, max_pixels)
             except ImageError as e: return e
             except OSError as e: return ImageError("unreadable file", str(e))  # a missing or unreadable path
             except Exception as e: return e  # fails this image alone
@@ -375,6 +473,103 @@ test_close(tta.probabilities(x), (plain.probabilities(x) + plain.probabilities(n
 symmetric = np.ones((1, 3, 96, 96), dtype=np.float32)
 test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-6)
 
+# %% [markdown]
+# ## Heat maps
+#
+# `predict_batch(..., explain=True)` adds an `Explanation` to each answer: the evidence grid of
+# the answer's label (above), the grid of "cat or dog at all" with the open-set head, the box
+# of the photo the grid covers and the photo's size. The forward pass computes the maps
+# whether or not they are asked for (they cost well under 1% of it); turning them into grids
+# is done only for the answers that ask. An artifact whose graphs have no `maps` output
+# (`ModelConfig.heat_maps` false) refuses `explain` with `NO_HEAT_MAPS`.
+
+# %%
+explained = predictor.predict_batch([cat_jpg, b"not an image", dog_jpg], explain=[True, True, False])
+why = explained[0].explanation
+test_eq(isinstance(why, Explanation), True)
+test_eq((why.label, why.size, np.shape(why.grid)), (explained[0].label, Image.open(cat_jpg).size, (6, 6)))  # 96 px, four stride-2 blocks
+test_eq((type(explained[1]).__name__, explained[2].explanation), ("ImageError", None))
+test_close(np.mean(why.grid), np.mean(evidence_grids(predictor.run(predictor.preprocess(cat_jpg)[None])[-1], [why.label],
+                                                     config.temperature, config.open_set)[0]), eps=1e-3)
+why
+
+# %% [markdown]
+# Pictures of a heat map are drawn from the grid alone, without the model. The colour shows the
+# evidence *for* the answer, relative to the strongest cell, in `HEAT_LEVELS` steps: clear where
+# there is none (or evidence against), then purple, orange and pale yellow, more opaque as
+# the evidence grows, for the strongest. Smoothing the 9x9 grid up to the photo's pixels is bilinear; the steps make the
+# picture cheap to encode (a PNG of a 500 x 375 photo is a few kilobytes).
+#
+# - `heat_overlay` is a transparent PNG of the photo's size (scaled down to at most
+#   `heat_map_max_side`), to lay over the photo: what the service returns and the web page shows;
+# - `heat_picture` blends the heat into the photo itself: what `catsdogs_predict --explain` and
+#   `catsdogs_eval --figures` draw.
+
+# %%
+#| export
+HEAT_LEVELS = 16
+_HEAT_ANCHORS = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float64)  # inferno-like
+
+def heat_colors(levels:int=HEAT_LEVELS) -> np.ndarray:
+    "The colour scale `(levels, 4)` RGBA uint8: from clear dark purple through orange to opaque pale yellow."
+    t = np.linspace(0, 1, levels)
+    rgb = np.stack([np.interp(t, np.linspace(0, 1, len(_HEAT_ANCHORS)), _HEAT_ANCHORS[:, c]) for c in range(3)], 1)
+    alpha = 255 * t  # faint evidence stays nearly clear: the strongest cells stand out
+    return np.c_[rgb, alpha].round().astype(np.uint8)
+
+def heat_levels(grid:Sequence[Sequence[float]], # Evidence per cell (`Explanation.grid`)
+                box:tuple[float, float, float, float], # The region the grid covers, as fractions of the sides
+                size:tuple[int, int]) -> Image.Image: # The picture's width and height
+    "An `L` image of `size`: 0 where there is no evidence for the answer, up to `HEAT_LEVELS - 1` at the strongest cell; 0 outside `box`."
+    g = np.asarray(grid, dtype=np.float64)
+    strongest = g.max()
+    share = np.clip(g / strongest, 0, 1) if strongest > 0 else np.zeros_like(g)
+    left, top, right, bottom = (round(box[0] * size[0]), round(box[1] * size[1]), round(box[2] * size[0]), round(box[3] * size[1]))
+    cells = Image.fromarray(np.round(share * 255).astype(np.uint8), "L")
+    smooth = cells.resize((max(right - left, 1), max(bottom - top, 1)), Image.Resampling.BILINEAR)
+    canvas = Image.new("L", size, 0)
+    canvas.paste(smooth.point(lambda v: v * HEAT_LEVELS // 256), (left, top))
+    return canvas
+
+def _fitted(size:tuple[int, int], max_side:int|None) -> tuple[int, int]:
+    "`size` scaled down (never up) to fit `max_side`."
+    scale = min(1.0, max_side / max(size)) if max_side else 1.0
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+def heat_overlay(explanation:Explanation, # An answer's explanation
+                 max_side:int|None=None) -> bytes: # Scale down to at most this (the `heat_map_max_side` setting); None: the photo's size
+    "A transparent PNG of the photo's size with the heat of `explanation` on it, to lay over the photo."
+    import io
+    levels = heat_levels(explanation.grid, explanation.box, _fitted(tuple(explanation.size), max_side))
+    levels.putpalette(heat_colors().tobytes(), rawmode="RGBA")  # the levels become palette indices: 4 bits a pixel
+    out = io.BytesIO()
+    levels.save(out, format="PNG", compress_level=1, bits=4)
+    return out.getvalue()
+
+def heat_picture(photo:Image.Image, # The photo, upright RGB (`load_image`), at any scale
+                 explanation:Explanation,
+                 opacity:float=0.6) -> Image.Image: # The `heat_map_opacity` setting
+    "The photo with the heat of `explanation` blended in (RGB)."
+    colors = heat_colors().astype(np.float64)
+    colors[:, 3] *= opacity
+    heat = Image.fromarray(colors.round().astype(np.uint8)[np.asarray(heat_levels(explanation.grid, explanation.box, photo.size))], "RGBA")
+    return Image.alpha_composite(photo.convert("RGBA"), heat).convert("RGB")
+
+
+# %% [markdown]
+# The overlay of the cat above, decoded again: a PNG of the photo's size, clear where the
+# evidence is nil and outside the box; `heat_picture` is the same heat blended into the photo:
+
+# %%
+overlay = Image.open(io.BytesIO(heat_overlay(why)))
+test_eq((overlay.format, overlay.size), ("PNG", why.size))
+test_eq(Image.open(io.BytesIO(heat_overlay(why, max_side=100))).size, (100, round(100 * why.size[1] / why.size[0])))
+test_eq(heat_colors()[0, 3], 0)  # level 0 is clear
+test_eq(np.asarray(heat_levels(why.grid, why.box, why.size)).max(), HEAT_LEVELS - 1)  # the strongest cell gets the top level
+picture = heat_picture(load_image(cat_jpg), why)
+test_eq(picture.size, why.size)
+picture
+
 
 # %% [markdown]
 # ## `catsdogs_predict`
@@ -386,39 +581,58 @@ test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-
 # %%
 #| export
 
-def _predict_line(path:str, result:Prediction|Exception, as_json:bool) -> str:
-    "The output line for one input: its prediction, or its error."
+def _predict_line(path:str, result:Prediction|Exception, as_json:bool, heat_map:Path|None=None) -> str:
+    "The output line for one input: its prediction (and the heat-map picture written for it), or its error."
     if as_json:
         body = {"path": path, **result.to_dict()} if isinstance(result, Prediction) else {"path": path, "error": str(result)}
+        if heat_map: body["heat_map"] = str(heat_map)
         return json.dumps(body)
     if isinstance(result, Exception): return f"{path}: error: {result}"
     open_set = "" if result.p_cat_or_dog is None else f", p_cat_or_dog={result.p_cat_or_dog:.3f}"
-    return f"{path}: {result.label} {result.confidence:.3f} (p_dog={result.p_dog:.3f}{open_set})"
+    return f"{path}: {result.label} {result.confidence:.3f} (p_dog={result.p_dog:.3f}{open_set})" + (f" heat map: {heat_map}" if heat_map else "")
 
 def predict_files(predictor:Predictor, paths:Sequence[str|Path], batch_size:int=16,
-                  progress:bool=False, desc:str="predicting") -> list[Prediction|Exception]:
+                  progress:bool=False, desc:str="predicting",
+                  explain:bool=False) -> list[Prediction|Exception]: # Add each answer's `Explanation`
     "A prediction or an `ImageError` for every path, in order (`Predictor.predict_batch`), with a progress bar."
     from tqdm.auto import tqdm
     step = batch_size * 8  # `predict_batch` overlaps decoding and the forward pass within each step
     results: list = []
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, len(paths), step):
-            results += predictor.predict_batch(paths[i:i + step], batch_size)
+            results += predictor.predict_batch(paths[i:i + step], batch_size, explain=explain)
             bar.update(len(paths[i:i + step]))
     return results
 
+def write_heat_pictures(paths:Sequence[str|Path], results:Sequence[Prediction|Exception], out_dir:Path,
+                        opacity:float=0.6) -> list[Path|None]: # The `heat_map_opacity` setting
+    "Write `heat_picture` of each explained answer to `out_dir` as `<name>.<label>.jpg`; the paths written (None for errors)."
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    written, taken = [], set()
+    for path, result in zip(paths, results):
+        if not isinstance(result, Prediction) or result.explanation is None: written.append(None); continue
+        name, n = f"{Path(path).stem}.{result.label}", 1
+        while name in taken: name, n = f"{Path(path).stem}-{n}.{result.label}", n + 1  # two photos of one name
+        taken.add(name)
+        heat_picture(load_image(path), result.explanation, opacity).save(out_dir/f"{name}.jpg", quality=90)
+        written.append(out_dir/f"{name}.jpg")
+    return written
+
 def predict_cli(argv:list[str]|None=None) -> int:
-    "Console script `catsdogs_predict IMG... [--model DIR] [--json] [--backend B] [--tta] [--no-open-set]`."
+    "Console script `catsdogs_predict IMG... [--model DIR] [--json] [--explain DIR] [--backend B] [--tta] [--no-open-set]`."
     parser = settings_parser("Predict cat, dog or neither for image files.", [InferenceSettings, *MODEL_SOURCE, "max_image_pixels"],
                              aliases={"--model": "model_dir"})
     parser.add_argument("images", nargs="+", help="Image files")
-    parser.add_argument("--json", action="store_true", help="One JSON object per line")
+    parser.add_argument("--json", action="store_true", help="One JSON object per line (with the heat-map grids under --explain)")
+    parser.add_argument("--explain", type=Path, metavar="DIR", help="Write each photo with its heat map to DIR (NAME.LABEL.jpg)")
     settings, args = parse_settings(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try: predictor = Predictor.from_settings(settings)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_predict: cannot load the model: {e}\n")
-    results = predict_files(predictor, args.images)
-    for path, result in zip(args.images, results): print(_predict_line(path, result, args.json), flush=True)
+    if args.explain and not predictor.config.heat_maps: parser.exit(2, f"catsdogs_predict: {NO_HEAT_MAPS.format(model_dir=predictor.model_dir)}\n")
+    results = predict_files(predictor, args.images, explain=bool(args.explain))
+    pictures = write_heat_pictures(args.images, results, args.explain, settings.heat_map_opacity) if args.explain else [None] * len(results)
+    for path, result, picture in zip(args.images, results, pictures): print(_predict_line(path, result, args.json, picture), flush=True)
     return 1 if any(isinstance(r, Exception) for r in results) else 0  # the console script exits with this
 
 
@@ -427,6 +641,23 @@ notes = Path(tmp.name)/"notes.txt"; notes.write_text("hello")
 test_eq(predict_cli([str(cat_jpg), str(notes), "--model", str(artifact), "--backend", "onnx"]), 1)
 test_eq(predict_cli([str(dog_jpg), "--model", str(artifact), "--json"]), 0)
 test_eq(predict_cli([str(dog_jpg), "--model", str(artifact), "--no-open-set"]), 0)
+
+# %% [markdown]
+# `--explain DIR` writes each photo with its heat map blended in, named after the photo and the answer:
+
+# %%
+test_eq(predict_cli([str(cat_jpg), str(dog_jpg), "--model", str(artifact), "--explain", f"{tmp.name}/why"]), 0)
+written = sorted(p.name for p in Path(f"{tmp.name}/why").iterdir())
+test_eq([name.rsplit(".", 2)[0] for name in written], [cat_jpg.stem, dog_jpg.stem])
+written
+
+# %% [markdown]
+# `write_heat_pictures` is that step on its own: a picture for each explained answer, None for errors.
+
+# %%
+pictures = write_heat_pictures([cat_jpg, notes], predict_files(predictor, [cat_jpg, notes], explain=True), Path(tmp.name)/"again")
+test_eq((pictures[0].name, pictures[1]), (f"{cat_jpg.stem}.{predictor.predict(cat_jpg).label}.jpg", None))
+pictures
 
 # %% [markdown]
 # `predict_files` is what `catsdogs_predict` and `catsdogs_eval` run: it decodes each batch on

@@ -29,13 +29,15 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from catsdogs.config import MODEL_SOURCE, EvaluationSettings, InferenceSettings, parse_settings, settings_parser
-from catsdogs.inference import Prediction, Predictor, predict_files
+from catsdogs.inference import Prediction, Predictor, heat_picture, predict_files
 from catsdogs.metrics import classification_metrics, open_set_figures, open_set_metrics, save_figures
-from catsdogs.presets import list_images
+from catsdogs.presets import list_images, load_image
 
 # %%
 #| hide
@@ -109,9 +111,24 @@ f"{(labelled.probs.argmax(1) == labelled.targets).mean():.1%} of {len(labelled.p
 
 # %% [markdown]
 # ## Metrics, and the figures
+#
+# The galleries (the worst mistakes, the photos of neither that came closest to passing and the
+# cats and dogs that came closest to "neither") show each photo with its heat map blended in,
+# where the artifact has heat maps: what made the model give the answer it gave, the wrong one
+# included (see the inference notebook for how to read them). `explained_picture` draws one.
 
 # %%
 #| export
+def explained_picture(predictor:Predictor, # The predictor whose answer is explained
+                      draft_size:int=256) -> Callable[[Path], Image.Image]|None: # Decode photos at about this size
+    "A function drawing a photo with the heat map of `predictor`'s answer (`heat_picture`), or None when it has no heat maps."
+    if not predictor.config.heat_maps: return None
+    def picture(path:Path) -> Image.Image:
+        answer = predictor.predict_batch([path], explain=True)[0]
+        photo = load_image(path, draft_size=draft_size)
+        return photo if isinstance(answer, Exception) else heat_picture(photo, answer.explanation, predictor.settings.heat_map_opacity)
+    return picture
+
 def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
                     data_dir:Path, # One subfolder per class (or Kaggle-style names)
                     ood_dir:Path|None=None, # Photos of neither cats nor dogs, any layout
@@ -123,7 +140,8 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
     labelled = predict_labelled(predictor, data_dir, batch_size, progress)
     names = tuple(predictor.config.class_names)
     metrics = {**classification_metrics(labelled.probs, labelled.targets), "n_skipped": labelled.n_skipped}
-    if figures is not None: save_figures(figures, labelled.probs, labelled.targets, labelled.paths, names)
+    picture = explained_picture(predictor) if figures is not None else None
+    if figures is not None: save_figures(figures, labelled.probs, labelled.targets, labelled.paths, names, picture=picture)
     if predictor.open_set is None: return metrics
     kept = labelled.p_cat_or_dog >= predictor.threshold
     correct = labelled.probs.argmax(1) == labelled.targets
@@ -138,14 +156,15 @@ def evaluate_folder(predictor:Predictor, # What is evaluated, as it is served
     metrics["n_outliers_skipped"] = len(outliers) - len(p_outliers)
     if figures is not None:
         readable = [p for p, r in zip(outliers, results) if isinstance(r, Prediction)]
-        open_set_figures(figures, labelled.p_cat_or_dog, p_outliers, predictor.threshold, labelled.paths, readable)
+        open_set_figures(figures, labelled.p_cat_or_dog, p_outliers, predictor.threshold, labelled.paths, readable, picture=picture)
     return metrics
 
 
 # %% [markdown]
 # The test split of the sample, and as photos of neither, a few of the sample of other things
 # beside it when it is there (ImageNet objects and animals, no cats or dogs), else made-up
-# patterns. The calibration bins (the reliability diagram) and the worst mistakes come with it:
+# patterns. The calibration bins (the reliability diagram) and the worst mistakes, each with the
+# heat map of the answer it got, come with it:
 
 # %%
 outlier_sample = demo_data_dir().parent/"not-cats-dogs"
@@ -166,8 +185,33 @@ display(Figure(filename=figures/"reliability.png"), Figure(filename=figures/"wor
 # and the hardest of each:
 
 # %%
-display(Figure(filename=figures/"open_set_scores.png"))
+display(Figure(filename=figures/"open_set_scores.png"), Figure(filename=figures/"open_set_gallery.jpg"))
 sorted(p.name for p in figures.iterdir())
+
+# %% [markdown]
+# ## Reading a heat map
+#
+# `explained_picture` draws what the galleries show: a photo with the heat of the answer it got.
+# Below, the three test photos the model got most surely right, then its three worst mistakes.
+# The heat is the evidence *for the answer given*, relative to the strongest cell: on a right
+# answer it should sit on the animal (a face, fur, ears), and on a mistake it shows what misled
+# the model, something other than the animal (a person, a cage, a toy) or the part of the
+# animal that looks like the other class. Evidence against the answer is not drawn; the grid in
+# `Explanation.grid` has it, as negative cells. The model here is small and quickly trained
+# (128 px, head only), so its grid is 4x4 cells of 32 pixels and its heat follows the animal
+# only roughly; the default 288 px model has 9x9 cells (the README shows some).
+
+# %%
+picture = explained_picture(predictor)
+true_prob = labelled.probs[np.arange(len(labelled.targets)), labelled.targets]
+chosen = [labelled.paths[i] for i in [*np.argsort(-true_prob)[:3], *np.argsort(true_prob)[:3]]]
+drawn = [picture(path) for path in chosen]
+test_eq([d.size for d in drawn], [load_image(p, draft_size=256).size for p in chosen])
+row = Image.new("RGB", (sum(round(d.width * 160 / d.height) for d in drawn) + 40, 160), "white")
+x = 0
+for i, d in enumerate(drawn):
+    row.paste(d.resize((round(d.width * 160 / d.height), 160)), (x, 0)); x += round(d.width * 160 / d.height) + (40 if i == 2 else 0)
+row  # the three surest right answers, a gap, then the three worst mistakes
 
 # %% [markdown]
 # Without the open set (`--no-open-set`), the same folder gets the classification metrics
@@ -194,7 +238,7 @@ def eval_cli(argv:list[str]|None=None):
                              [InferenceSettings, EvaluationSettings, "data_dir", *MODEL_SOURCE, "max_image_pixels"],
                              aliases={"--model": "model_dir"})
     parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass")
-    parser.add_argument("--figures", type=Path, default=None, help="Write the figures (confusion, ROC, reliability, mistakes) here")
+    parser.add_argument("--figures", type=Path, default=None, help="Write the figures here: confusion, ROC, reliability, and galleries of the mistakes and of the doubtful 'neither' answers with their heat maps")
     parser.add_argument("--json", action="store_true", help="End with one line of JSON holding every metric")
     settings, args = parse_settings(parser, argv)
     if settings.data_dir is None: parser.error("--data-dir is required: a folder of labelled cat and dog photos")

@@ -66,6 +66,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import secrets
@@ -91,13 +92,16 @@ from catsdogs.config import (MODEL_SOURCE, InferenceSettings, ServingSettings, S
                              settings_parser)
 from catsdogs.http_input import (FetchRefused, fetch_url, image_http_error, read_body, read_multipart, read_within,
                                  refusal_reason, unless_disconnected)
-from catsdogs.inference import Prediction, Predictor, check_artifact, resolve_model
+from catsdogs.inference import NO_HEAT_MAPS, Explanation, Prediction, Predictor, check_artifact, heat_overlay, resolve_model
 from catsdogs.presets import ImageError
 
 # %%
 #| hide
+import io
 import tempfile
 import warnings
+import numpy as np
+from PIL import Image
 from fastapi.testclient import TestClient
 from fastcore.test import test_eq
 from catsdogs.presets import demo_data_dir
@@ -191,6 +195,23 @@ _DOCS = {"label": '"cat", "dog", or "neither" when the photo does not look like 
          "p_dog": "P(dog | a cat or a dog)",
          "p_cat_or_dog": "Probability that the photo shows a cat or a dog at all (calibrated under an even prior); null when the open set is off"}
 
+class ExplanationOut(BaseModel):
+    "Where the answer comes from (with `explain=true`): a heat map as numbers and as a picture to lay over the photo."
+    label: str = Field(description="The answer it explains")
+    grid: list[list[float]] = Field(description="Each cell's evidence for `label` in log-odds, rows top to bottom: positive speaks for it. "
+                                                "The grid covers `box` (the centre crop the model sees), 9x9 cells at 288 px")
+    pet_grid: list[list[float]]|None = Field(None, description="Each cell's evidence that the photo shows a cat or a dog at all, in log-odds; null when the open set is off")
+    box: tuple[float, float, float, float] = Field(description="The region of the photo the grids cover: left, top, right, bottom, as fractions of its width and height")
+    size: tuple[int, int] = Field(description="The photo's width and height in pixels")
+    overlay: str = Field(description="A transparent PNG of the photo's size (scaled down to heat_map_max_side), as a data: URL, "
+                                     "to lay over the photo: clear where nothing speaks for `label`, then purple, orange and pale yellow, more opaque, up to the strongest cell")
+
+    @classmethod
+    def of(cls, explanation:Explanation, max_side:int) -> ExplanationOut:
+        "The API form of an `Explanation`, its overlay drawn (about a millisecond)."
+        png = base64.b64encode(heat_overlay(explanation, max_side)).decode("ascii")
+        return cls.model_construct(**vars(explanation), overlay=f"data:image/png;base64,{png}")  # built from checked parts: not validated again
+
 class PredictionOut(BaseModel):
     "The answer for one image."
     model_config = ConfigDict(json_schema_extra={"examples": [
@@ -203,6 +224,7 @@ class PredictionOut(BaseModel):
     probabilities: dict[str, float] = Field(description=_DOCS["probabilities"])
     p_dog: float = Field(description=_DOCS["p_dog"])
     p_cat_or_dog: float|None = Field(None, description=_DOCS["p_cat_or_dog"])
+    explanation: ExplanationOut|None = Field(None, description="With `explain=true`: where the answer comes from")
     model_version: str
 
 class BatchItem(BaseModel):
@@ -213,6 +235,7 @@ class BatchItem(BaseModel):
     probabilities: dict[str, float]|None = Field(None, description=_DOCS["probabilities"])
     p_dog: float|None = Field(None, description=_DOCS["p_dog"])
     p_cat_or_dog: float|None = Field(None, description=_DOCS["p_cat_or_dog"])
+    explanation: ExplanationOut|None = Field(None, description="With `explain=true`: where the answer comes from")
     error: str|None = None
     status: int = 200
 
@@ -259,12 +282,13 @@ class ReadyOut(BaseModel):
     created: str = Field(description="When the artifact was written (UTC, ISO 8601)")
     dataset_version: str = Field(description="The version of the data the model was trained on (empty when not recorded)")
     backend: str = Field(description="The engine: onnx, openvino, torchscript or eager")
-    precision: str = Field(description="f32 or bf16")
+    precision: str = Field(description="f32, bf16 or int8")
     tta: bool = Field(description="Whether flip test-time augmentation is on")
     class_names: list[str]
     metrics: dict[str, Any] = Field(description="The test metrics recorded in the artifact")
     open_set: bool = Field(description='Whether "neither" can be answered')
     open_set_threshold: float|None = Field(description='"neither" below this p_cat_or_dog; null when the open set is off')
+    heat_maps: bool = Field(description="Whether `explain=true` can say where the answers come from")
     registry: RegistryOut|None = Field(description="The registry version; null for a model loaded from a folder")
 
 class PreviousModel(BaseModel):
@@ -332,24 +356,33 @@ class Service:
         "Close the batcher (queued requests get 503) and the URL client."
         await self.batcher.close(); await self.client.aclose()
 
-    def _run_batch(self, datas:list[bytes]) -> list[tuple[Prediction, str]|Exception]:
+    def _run_batch(self, items:list[tuple[bytes, bool]]) -> list[tuple[Prediction, str]|Exception]:
         "The batch's answers from one `predict_batch` call (in the inference thread); an error fails its own request alone."
         predictor = self.predictor  # a reload swaps it between batches, never within one
-        answers = predictor.predict_batch(datas, len(datas), self.settings.max_image_pixels, on_forward=self._observe_forward)
+        explain = [wanted and predictor.config.heat_maps for _, wanted in items]  # a model without maps: answers without
+        answers = predictor.predict_batch([data for data, _ in items], len(items), self.settings.max_image_pixels,
+                                          on_forward=self._observe_forward, explain=explain)
         return [(a, predictor.model_version) if isinstance(a, Prediction) else a for a in answers]
 
     def _observe_forward(self, size:int, seconds:float):
         self.metrics.inference.observe(seconds); self.metrics.batch_size.observe(size)
 
-    async def predict_bytes(self, data:bytes) -> PredictionOut:
+    async def predict_bytes(self, data:bytes, explain:bool=False) -> PredictionOut:
         "Decode and predict in a shared batch, off the event loop; bad images raise a 4xx, overload a 503 `HTTPException`."
-        try: p, version = await self.batcher.submit(data)
+        if explain and not self.predictor.config.heat_maps: raise self.no_heat_maps()
+        try: p, version = await self.batcher.submit((data, explain))
         except ImageError as e: raise image_http_error(e) from None
         except (BatcherClosed, Overloaded, DeadlineExceeded) as e:
             self.metrics.refused.labels(_REFUSALS[type(e)]).inc()
             raise HTTPException(503, str(e), headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         self.metrics.predictions.labels(p.label).inc()
-        return PredictionOut(**p.to_dict(), model_version=version)
+        if explain and p.explanation is None: raise self.no_heat_maps()  # a reload swapped in a model without maps
+        why = ExplanationOut.of(p.explanation, self.settings.heat_map_max_side) if explain else None  # about 1 ms: cheaper than a thread hop
+        return PredictionOut(**{**vars(p), "explanation": why}, model_version=version)
+
+    def no_heat_maps(self) -> HTTPException:
+        "The 501 answer to `explain=true` when the served model's graphs have no heat maps."
+        return HTTPException(501, "explain: " + NO_HEAT_MAPS.format(model_dir=f"the served model ({self.predictor.model_dir.name})"))
 
     async def reload(self) -> Predictor:
         "Load the model the settings name again (a registry alias may point to a new version) and swap it in between batches."
@@ -416,6 +449,7 @@ _BATCH_FORM = {"requestBody": {"content": {"multipart/form-data": {"schema": {"t
 _ERROR_TEXT = {400: "bad input or refused URL", 401: "no or wrong token", 404: "no admin_token set",
                408: "the body took longer than body_timeout_s", 409: "the model could not be loaded; the previous one is still served",
                413: "too large", 415: "not an image",
+               501: "explain=true, but the served model's graphs have no heat maps",
                503: "model not loaded yet, queue full or past the deadline: retry after Retry-After"}
 
 def _errors(*statuses:int) -> dict:
@@ -465,31 +499,40 @@ def ready(service:ServiceDep) -> ReadyOut:
                     code_version=c.code_version, created=c.created, dataset_version=c.dataset_version,
                     backend=p.backend, precision=p.precision, tta=p.tta, class_names=list(c.class_names),
                     metrics=c.metrics, open_set=p.open_set is not None,
-                    open_set_threshold=p.threshold if p.open_set is not None else None, registry=p.registry)
+                    open_set_threshold=p.threshold if p.open_set is not None else None, heat_maps=c.heat_maps,
+                    registry=p.registry)
 
-@router.post("/predict", openapi_extra=_IMAGE_FORMS, responses=_errors(400, 408, 413, 415, 503))
+def _json(answer:BaseModel) -> Response:
+    "An answer built from validated parts, serialized once by pydantic (FastAPI would validate and encode it again)."
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+ExplainQuery = Annotated[bool, Query(description="Add an `explanation`: where the answer comes from, as a grid and a PNG overlay")]
+
+@router.post("/predict", openapi_extra=_IMAGE_FORMS, responses=_errors(400, 408, 413, 415, 501, 503))
 async def predict(request:Request, service:ServiceDep,
-                  url:Annotated[str|None, Query(description="http(s) URL of an image to fetch")]=None) -> PredictionOut:
+                  url:Annotated[str|None, Query(description="http(s) URL of an image to fetch")]=None,
+                  explain:ExplainQuery=False) -> PredictionOut:
     "Cat, dog or neither for one image: a multipart `file`, a raw image body, `?url=` or JSON `{\"url\": ...}`."
     data = await _image_bytes(request, service, url)
-    return await unless_disconnected(request, service.predict_bytes(data))
+    return _json(await unless_disconnected(request, service.predict_bytes(data, explain)))
 
-@router.post("/predict/batch", openapi_extra=_BATCH_FORM, responses=_errors(400, 408, 413, 415, 503))
-async def predict_batch(request:Request, service:ServiceDep, settings:SettingsDep) -> BatchOut:
+@router.post("/predict/batch", openapi_extra=_BATCH_FORM, responses=_errors(400, 408, 413, 415, 501, 503))
+async def predict_batch(request:Request, service:ServiceDep, settings:SettingsDep, explain:ExplainQuery=False) -> BatchOut:
     "Cat, dog or neither for each of several multipart `files`; a bad file gets its own error."
+    if explain and not service.predictor.config.heat_maps: raise service.no_heat_maps()
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise HTTPException(415, "send multipart/form-data with one or more 'files' fields")
     parts = await read_within(settings.body_timeout_s, read_multipart(request, settings.max_upload_bytes, settings.max_batch_files))
     files = [p for p in parts if p.name in ("files", "file")]
     if not files: raise HTTPException(400, "no files: send them in multipart fields named 'files'")
-    answers = await unless_disconnected(request, asyncio.gather(*(service.predict_bytes(bytes(f.data)) for f in files),
+    answers = await unless_disconnected(request, asyncio.gather(*(service.predict_bytes(bytes(f.data), explain) for f in files),
                                                                 return_exceptions=True))
     results = []
     for f, a in zip(files, answers):
         if isinstance(a, HTTPException): results.append(BatchItem(filename=f.filename, error=a.detail, status=a.status_code))
         elif isinstance(a, BaseException): raise a
-        else: results.append(BatchItem(filename=f.filename, **a.model_dump(exclude={"model_version"})))
-    return BatchOut(results=results, model_version=service.predictor.model_version)
+        else: results.append(BatchItem(filename=f.filename, **{k: v for k, v in vars(a).items() if k != "model_version"}))
+    return _json(BatchOut(results=results, model_version=service.predictor.model_version))
 
 @router.post("/admin/reload", responses=_errors(401, 404, 409))
 async def reload(service:ServiceDep, settings:SettingsDep,
@@ -588,7 +631,7 @@ with TestClient(app) as client:
     test_eq("Cat or dog?" in client.get(app.url_path_for("index")).text, True)
     answer = client.post("/predict", files={"file": ("cat.jpg", cat_jpg.read_bytes(), "image/jpeg")})
     test_eq(answer.status_code, 200)
-    test_eq(set(answer.json()), {"label", "confidence", "probabilities", "p_dog", "p_cat_or_dog", "model_version"})
+    test_eq(set(answer.json()), {"label", "confidence", "probabilities", "p_dog", "p_cat_or_dog", "explanation", "model_version"})
     bad = client.post("/predict", files={"file": ("notes.txt", b"hello", "text/plain")})
     test_eq((bad.status_code, bad.json()), (415, {"detail": "this file is not an image"}))
     test_eq(client.post("/predict", json={"url": "http://10.0.0.1/cat.jpg"}).json()["detail"],
@@ -599,6 +642,21 @@ with TestClient(app) as client:
             [("cat.jpg", 200, None), ("notes.txt", 415, "this file is not an image")])
     test_eq("catsdogs_predictions_total" in client.get("/metrics").text, True)
 answer.json()
+
+# %% [markdown]
+# With `explain=true` the answer carries an `ExplanationOut`: the evidence grids (here 6x6,
+# the small demo artifact at 96 px; its answers are meaningless, the shapes are not), the box
+# they cover, the photo's size and the overlay, a PNG of the photo's size as a `data:` URL.
+# How to read one is in the evaluation notebook; the web page lays it over the photo.
+
+# %%
+with TestClient(app) as client:
+    explained = client.post("/predict?explain=true", files={"file": ("cat.jpg", cat_jpg.read_bytes(), "image/jpeg")}).json()
+why = ExplanationOut.model_validate(explained["explanation"])
+overlay = Image.open(io.BytesIO(base64.b64decode(why.overlay.split(",", 1)[1])))
+test_eq((why.label, overlay.size, tuple(why.size)), (explained["label"], Image.open(cat_jpg).size, Image.open(cat_jpg).size))
+test_eq(np.shape(why.grid), (6, 6))
+{**why.model_dump(exclude={"grid", "pet_grid", "overlay"}), "grid": f"{len(why.grid)}x{len(why.grid[0])}", "overlay": why.overlay[:40] + "..."}
 
 # %% [markdown]
 # Every route and what it answers: its response model, or its response class for the page and

@@ -18,8 +18,8 @@
 # | model: backbones, head, open-set ("neither") head, artifact | `03_model` | `catsdogs.model` | |
 # | engines: ONNX Runtime, OpenVINO, TorchScript, eager in f32, bf16 or int8; choosing one by measurement; int8 quantization | `03a_engines` | `catsdogs.engines` | |
 # | training as named steps, its resumable `TrainState`, calibration, test metrics, MLflow | `04_training` | `catsdogs.training` | `catsdogs_train` |
-# | inference: the `Predictor` (preprocessing, one batch method, calibration, the answer), registry URIs | `05_inference` | `catsdogs.inference` | `catsdogs_predict` |
-# | evaluation of an artifact as served: metrics, figures, outliers | `06_evaluation` | `catsdogs.evaluation` | `catsdogs_eval` |
+# | inference: the `Predictor` (preprocessing, one batch method, calibration, the answer), heat maps of why, registry URIs | `05_inference` | `catsdogs.inference` | `catsdogs_predict` |
+# | evaluation of an artifact as served: metrics, figures, galleries with heat maps, outliers | `06_evaluation` | `catsdogs.evaluation` | `catsdogs_eval` |
 # | HTTP input: upload and body limits, the URL guard, slow and vanished clients | `07_http_input` | `catsdogs.http_input` | |
 # | micro-batching: shared forward passes, bounded queue, deadlines | `08_batching` | `catsdogs.batching` | |
 # | serving: FastAPI app, routes and response models, metrics, reload, web page | `09_serving` | `catsdogs.serving` | `catsdogs_serve` |
@@ -145,6 +145,25 @@
 #  "p_dog": 0.9475, "p_cat_or_dog": 0.0044, "model_version": "ae08ffb44114"}
 # ```
 #
+# **Why: heat maps.** Add `explain=true` (to `/predict`, `/predict/batch` or a URL request) and
+# each answer carries an `explanation`: the evidence for its label cell by cell (`grid`, in
+# log-odds, over the centre crop the model sees, whose place in the photo is `box`), the
+# evidence that the photo shows a cat or a dog at all (`pet_grid`), and `overlay`, a
+# transparent PNG of the photo's size to lay over it (a `data:` URL). The maps come out of the
+# same forward pass on every engine (class activation maps of the pooled backbone, see the
+# model notebook); the web page shows them over each photo, `catsdogs_predict --explain DIR`
+# writes the photos with their heat maps, and `catsdogs_eval --figures` draws its galleries of
+# mistakes and doubtful "neither" answers with them. With the default model trained on the
+# sample (`python scripts/heat_map_example.py --model artifacts/model`):
+#
+# ![A cat, a dog, a dog beside a photo of flowers, and a kangaroo, each with the heat of the answer: on the animal's face and body; on the kangaroo, the evidence for "neither"](images/heat_maps.jpg)
+#
+# The colour runs from clear (nothing speaks for the answer) through purple and orange to pale
+# yellow (the strongest cell). A heat map is 9x9 cells of 32 pixels at 288 px, covers only the
+# centre crop, and shows where the evidence lies, not why those pixels count. A photo in which
+# the cat or dog fills a small part of the frame can be answered "neither": the open-set score
+# pools the whole crop.
+#
 # The threshold on `p_cat_or_dog` is chosen at training time to keep 99% of the validation
 # cats and dogs (`--open-set-keep-rate`), stored in `model_config.json`, and overridable when
 # serving (`--open-set-threshold`); `--no-open-set` (or `CATSDOGS_OPEN_SET=false`) turns
@@ -152,7 +171,7 @@
 # `p_cat_or_dog` is calibrated under an even prior (as many photos of other things as of cats
 # and dogs). A model artifact without an open-set head answers cat or dog. `GET /health` and `GET /ready` are the liveness and readiness probes,
 # `GET /metrics` is Prometheus, `GET /docs` the OpenAPI page. Bad input gets a JSON error with
-# the right status (400, 408, 413 or 415). Under overload the service answers 503 with
+# the right status (400, 408, 413 or 415; 501 for `explain=true` on a model exported without heat maps). Under overload the service answers 503 with
 # `Retry-After` at once rather than queueing without end (`--max-queue`, `--request-timeout-s`),
 # cuts uploads slower than `--body-timeout-s` (408), and counts clients that hang up under 499.
 # `Dockerfile` (the lean `catsdogs[serve]` install, no PyTorch) and `deploy/kubernetes.yaml` run

@@ -11,7 +11,7 @@ parts = []
 for cell in nb["cells"]:
     source = "".join(cell["source"]).strip()
     if not source: continue
-    if cell["cell_type"] == "markdown": parts.append(source)
+    if cell["cell_type"] == "markdown": parts.append(source.replace("](images/", "](nbs/images/"))  # README.md sits above nbs/
     elif cell["cell_type"] == "code" and not source.startswith(("#| hide", "#|hide")): parts.append(f"```python\n{source}\n```")
 readme = "<!-- Generated from nbs/index.ipynb by scripts/make_readme.py: edit the notebook, not this file. -->\n\n" + "\n\n".join(parts) + "\n"
 target = root / "README.md"

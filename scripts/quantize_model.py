@@ -3,6 +3,10 @@ at the end of training), for an artifact trained without it.
 
     python scripts/quantize_model.py artifacts/model                     # its prepared data: artifacts/model/data
     python scripts/quantize_model.py artifacts/model --prepared artifacts/data --int8-calibration-images 256
+    python scripts/quantize_model.py artifacts/model --export             # export model.onnx and model.ts first
+
+`--export` writes the graphs again from `weights.pt` with the outputs this version of catsdogs exports (the heat
+maps among them), for an artifact whose graphs lack them.
 
 Calibrates on training photos of the prepared split the model was trained on, measures int8 against f32 on its
 validation split, and stores the figures in model_config.json (`int8`), which `--precision auto` reads."""
@@ -19,7 +23,13 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model_dir", type=Path, help="The model artifact (a folder written by catsdogs_train)")
 parser.add_argument("--prepared", type=Path, help="The prepared data it was trained on (default: MODEL_DIR/data)")
 parser.add_argument("--int8-calibration-images", type=int, help="Training photos to calibrate on (default: the setting's)")
+parser.add_argument("--export", action="store_true", help="Export model.onnx and model.ts again from weights.pt first")
 args = parser.parse_args()
+if args.export:
+    from catsdogs.model import export_artifact, load_model, output_names
+    model, model_config = load_model(args.model_dir)
+    export_artifact(model, args.model_dir, model_config)
+    print(f"{args.model_dir}: graphs exported with the outputs {', '.join(output_names(model_config))}")
 prepared_dir = args.prepared or args.model_dir / "data"
 if not (prepared_dir / "manifest.csv").is_file(): sys.exit(f"quantize_model: no prepared data at {prepared_dir}; pass --prepared")
 data = load_prepared(prepared_dir)

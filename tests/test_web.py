@@ -4,6 +4,7 @@ of neither (a kangaroo, a face, a bear) and see that said in plain words."""
 from pathlib import Path
 
 import httpx
+from PIL import Image
 import pytest
 
 from catsdogs.config import Settings
@@ -81,4 +82,35 @@ def test_page_says_when_a_photo_is_neither_a_cat_nor_a_dog(browser, open_set_mod
         card = page.locator(f'article.card[data-name="{cat.name}"]')
         card.locator(".label").wait_for(timeout=30_000)
         assert card.get_attribute("data-label") == "cat" and "chance it shows a cat or a dog" in card.locator(".open-set").inner_text()
+        page.close()
+
+
+def test_page_shows_the_heat_map_over_the_photo(browser, open_set_model, unseen_pets):
+    dog = unseen_pets["dog"][0]
+    with run_server(create_app(Settings(model_dir=open_set_model, backend="onnx"))) as url:
+        expected = httpx.post(url + "/predict?explain=true", files={"file": (dog.name, dog.read_bytes(), "image/jpeg")}, timeout=60).json()
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('onnx')")  # /ready read: explain is on
+        page.set_input_files("#files", [str(dog)])
+        card = page.locator(f'article.card[data-name="{dog.name}"]')
+        toggle = card.locator("button.why-toggle")
+        toggle.wait_for(timeout=30_000)
+        assert card.locator(".why").is_hidden() and toggle.get_attribute("aria-expanded") == "false"
+        toggle.click()
+        overlay = card.locator(".why img.overlay")
+        overlay.wait_for(state="visible")
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
+        photo = Image.open(dog)
+        assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(photo.size)  # the PNG has the photo's size
+        shown = card.locator(".why img.photo").bounding_box()
+        laid = overlay.bounding_box()
+        assert abs(shown["width"] - laid["width"]) < 1 and abs(shown["height"] - laid["height"]) < 1  # lies exactly over the photo
+        what = "not a cat or a dog" if expected["label"] == "neither" else f"a {expected['label']}"
+        assert card.locator(".explains").inner_text() == what
+        assert overlay.get_attribute("src") == expected["explanation"]["overlay"]
+        card.locator("input.opacity").fill("30")
+        assert overlay.evaluate("img => img.style.opacity") == "0.3"
+        toggle.click()
+        assert card.locator(".why").is_hidden()
         page.close()
