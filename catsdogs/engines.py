@@ -21,9 +21,9 @@ from .config import InferenceSettings, TrainingSettings
 from .presets import ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
-__all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'FLOAT_OPS', 'softmax',
-           'default_threads', 'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch',
-           'choose_backend', 'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'quantize_int8',
+__all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'softmax', 'default_threads',
+           'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch', 'choose_backend',
+           'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'maps_only_nodes', 'quantize_int8',
            'measure_int8', 'quantize_artifact']
 
 # %% ../nbs/03a_engines.ipynb #c075a21e
@@ -295,13 +295,22 @@ class _Batches:
         chunk = next(self.chunks, None)
         return None if chunk is None else {"images": self.preset.stack(chunk)}
 
-FLOAT_OPS = ("MatMul", "Softmax", "Where")  # the open-set and heat-map arithmetic after the backbone: small, and its -inf masks have no int8 range
+def maps_only_nodes(model_path:Path) -> list[str]:
+    "The nodes of an ONNX graph that only its `maps` output needs (none when it has no `maps`)."
+    import onnx
+    graph = onnx.load(str(model_path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, pending = set(), [o.name for o in graph.output if o.name != "maps"]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.name in needed: continue
+        needed.add(node.name); pending += list(node.input)
+    return [node.name for node in graph.node if node.name not in needed]
 
 def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
                   calibration:Sequence[Path]) -> Path: # Training photos whose activation ranges set the scales
-    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges, `FLOAT_OPS` in float."
+    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges, the heat maps in float."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
     model_dir = Path(model_dir)
     preset = Preset.from_config(ModelConfig.load(model_dir/"model_config.json"))
@@ -311,8 +320,7 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
             quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            op_types_to_quantize=sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(FLOAT_OPS)))
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=maps_only_nodes(f"{tmp}/pre.onnx"))
             os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
     finally: quiet.setLevel(level)
     return model_dir/INT8_FILE

@@ -247,41 +247,42 @@ class OpenSetHead(nn.Module):
         self.register_buffer("center", torch.zeros(2))
         self.register_buffer("scale", torch.ones(2))
 
+    def _signals(self, features:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor|None]:
+        "The two raw signals `(N, 2)`, the index of each photo's k-th nearest training feature, and the ImageNet logits (None without)."
+        f = features.float()
+        if self.imagenet_head is None: z, log_odds = None, torch.zeros_like(f[:, 0])
+        else:
+            z = self.imagenet_head(f).float()
+            log_odds = z.index_select(1, self.pet_classes).logsumexp(1) - z.index_select(1, self.other_classes).logsumexp(1)
+        nearest = (F.normalize(f, dim=1) @ self.bank.T).topk(self.k, dim=1)
+        return torch.stack([log_odds, nearest.values[:, -1]], 1), nearest.indices[:, -1], z
+
     def signals(self, features:torch.Tensor) -> torch.Tensor:
         "The two raw signals, `(N, 2)`: ImageNet pet log-odds (0 without an ImageNet head) and k-NN similarity."
-        if self.imagenet_head is None: log_odds = torch.zeros_like(features[:, 0], dtype=torch.float32)
-        else:
-            z = self.imagenet_head(features).float()
-            log_odds = z.index_select(1, self.pet_classes).logsumexp(1) - z.index_select(1, self.other_classes).logsumexp(1)
-        similarity = F.normalize(features.float(), dim=1) @ self.bank.T
-        return torch.stack([log_odds, similarity.topk(self.k, dim=1).values[:, -1]], 1)
+        return self._signals(features)[0]
 
     def forward(self, features:torch.Tensor) -> torch.Tensor:
         "The open-set score `(N,)`: the standardised signals, summed; higher means more like a cat or dog."
         return ((self.signals(features) - self.center) / self.scale).sum(1)
 
-    def directions(self, features:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Per photo, a direction in feature space for each signal `(N, 2, C)` and an offset `(N, 2)`: each signal is `direction @ features + offset`."
+    def score_and_map(self, features:torch.Tensor, # Pooled features `(N, C)`: the mean of `feature_map` over its cells
+                      feature_map:torch.Tensor, # The backbone's last feature map `(N, C, h, w)`
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        "The open-set score `(N,)` and the same cell by cell `(N, h, w)`, whose mean over the cells is the score."
         f = features.float()
-        signals = self.signals(f)
-        nearest = self.bank.index_select(0, (F.normalize(f, dim=1) @ self.bank.T).topk(self.k, dim=1).indices[:, -1])
-        to_similarity = nearest / f.norm(dim=1, keepdim=True).clamp_min(1e-12)  # exact: the cosine similarity is linear in f
+        signals, nearest, z = self._signals(f)
+        to_similarity = self.bank.index_select(0, nearest) / f.norm(dim=1, keepdim=True).clamp_min(1e-12)  # exact: linear in f
         linear = _linear_layer(self.imagenet_head)
-        if linear is None: to_log_odds = torch.zeros_like(f)  # the ImageNet signal is then spread evenly over the cells
+        if linear is None or z is None: to_log_odds = torch.zeros_like(f)  # the ImageNet signal is then spread evenly over the cells
         else:  # first order at this photo: the log-odds' gradient, softmax over the pet classes minus softmax over the others
-            z, pets = linear(f), self.pet_mask
-            gradient = (z.masked_fill(~pets, float("-inf")).softmax(1) - z.masked_fill(pets, float("-inf")).softmax(1)) @ linear.weight
-            to_log_odds = gradient
-        direction = torch.stack([to_log_odds, to_similarity], 1)
-        return direction, signals - torch.bmm(direction, f[:, :, None])[..., 0]
-
-    def score_map(self, features:torch.Tensor, # Pooled features `(N, C)`: the mean of `feature_map` over its cells
-                  feature_map:torch.Tensor) -> torch.Tensor: # The backbone's last feature map `(N, C, h, w)`
-        "The open-set score cell by cell, `(N, h, w)`; its mean over the cells is `forward(features)`."
-        direction, offset = self.directions(features)
+            pets = self.pet_mask
+            to_log_odds = (z.masked_fill(~pets, float("-inf")).softmax(1) - z.masked_fill(pets, float("-inf")).softmax(1)) @ linear.weight
+        direction = torch.stack([to_log_odds, to_similarity], 1)  # each signal is `direction @ features + offset`
+        offset = signals - torch.bmm(direction, f[:, :, None])[..., 0]
         n, _, h, w = feature_map.shape
         cells = torch.bmm(direction, feature_map.float().flatten(2)) + offset[:, :, None]  # (N, 2, h*w): each signal, cell by cell
-        return ((cells - self.center[None, :, None]) / self.scale[None, :, None]).sum(1).reshape(n, h, w)
+        score = ((signals - self.center) / self.scale).sum(1)
+        return score, ((cells - self.center[:, None]) / self.scale[:, None]).sum(1).reshape(n, h, w)
 
 def _linear_layer(module:nn.Module|None) -> nn.Linear|None:
     "`module` as one linear layer (alone, or after dropout), or None."
@@ -402,12 +403,12 @@ class CatsDogsNet(nn.Module):
         "What the exported graphs return, from one pass: logits, the open-set score (`open_set`) and the class activation `maps` (`heat_maps`)."
         cells = self.feature_map(x) if heat_maps else None
         features = cells.mean((2, 3)) if heat_maps else self.backbone(x)
-        outputs = (self.head(features),) + ((self.open_set(features),) if open_set else ())
-        if not heat_maps: return outputs
+        if not heat_maps: return (self.head(features),) + ((self.open_set(features),) if open_set else ())
         linear = self.head[-1]
         maps = F.conv2d(cells, linear.weight[:, :, None, None], linear.bias)  # the head on each cell: a 1x1 convolution
-        if open_set: maps = torch.cat([maps, self.open_set.score_map(features, cells)[:, None]], 1)
-        return outputs + (maps,)
+        if not open_set: return self.head(features), maps
+        score, score_map = self.open_set.score_and_map(features, cells)
+        return self.head(features), score, torch.cat([maps, score_map[:, None]], 1)
 
 def _pooled_feature_map(backbone:nn.Module) -> Callable|None:
     "The part of `backbone` before its global average pooling (timm models, `Sequential`s ending in pool + flatten), or None."

@@ -45,6 +45,7 @@ from catsdogs.presets import ModelConfig, OpenSetConfig, Preset
 # %%
 #| hide
 import warnings
+from onnx import load as load_onnx_graph
 from fastcore.test import test_eq, test_fail, test_close
 from catsdogs.presets import demo_data_dir
 from catsdogs.model import demo_artifact
@@ -492,10 +493,10 @@ engine, engine.timings
 #   full-range weights lost 2.4 points of validation accuracy with either engine; 7-bit
 #   weights kept it within one photo of f32, at the same speed on CPUs with VNNI;
 # - **MinMax calibration** on a few hundred training photos;
-# - **the network quantized, the arithmetic after it in float**: every convolution and both
-#   linear heads run in int8; the matrix products, softmaxes and masks of the open-set score
-#   and the heat maps (`FLOAT_OPS`) stay float32. They cost well under 1% of the forward pass,
-#   and the masks hold `-inf`, which no int8 range can represent.
+# - **every node quantized but the heat maps'**: the backbone, both heads and the open-set
+#   score run in int8; the nodes that only the `maps` output needs (`maps_only_nodes`) stay
+#   float32. They are a few small matrix products, and their masks hold `-inf`, which no
+#   int8 range can represent.
 #
 # An artifact is trained on one machine and served on others, so the recipe must hold on
 # CPUs with and without VNNI; and each serving machine still checks the engine on the check
@@ -520,13 +521,22 @@ class _Batches:
         chunk = next(self.chunks, None)
         return None if chunk is None else {"images": self.preset.stack(chunk)}
 
-FLOAT_OPS = ("MatMul", "Softmax", "Where")  # the open-set and heat-map arithmetic after the backbone: small, and its -inf masks have no int8 range
+def maps_only_nodes(model_path:Path) -> list[str]:
+    "The nodes of an ONNX graph that only its `maps` output needs (none when it has no `maps`)."
+    import onnx
+    graph = onnx.load(str(model_path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, pending = set(), [o.name for o in graph.output if o.name != "maps"]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.name in needed: continue
+        needed.add(node.name); pending += list(node.input)
+    return [node.name for node in graph.node if node.name not in needed]
 
 def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
                   calibration:Sequence[Path]) -> Path: # Training photos whose activation ranges set the scales
-    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges, `FLOAT_OPS` in float."
+    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges, the heat maps in float."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
     model_dir = Path(model_dir)
     preset = Preset.from_config(ModelConfig.load(model_dir/"model_config.json"))
@@ -536,8 +546,7 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
             quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            op_types_to_quantize=sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(FLOAT_OPS)))
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=maps_only_nodes(f"{tmp}/pre.onnx"))
             os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
     finally: quiet.setLevel(level)
     return model_dir/INT8_FILE
@@ -549,6 +558,17 @@ test_eq(int8_path.name, "model.int8.onnx")
 int8_run = make_runner("onnx", artifact, precision="int8")
 test_eq([o.shape for o in int8_run(batch[:2])], [o.shape for o in runners["onnx/f32"](batch[:2])])
 f"{int8_path.stat().st_size / 1e6:.2f} MB int8, {(artifact/'model.onnx').stat().st_size / 1e6:.2f} MB f32"
+
+# %% [markdown]
+# The nodes kept in float are those only the heat maps need: the head applied to each cell and
+# the open-set score's directions (with an ImageNet head, its masked softmaxes too), nothing that
+# the logits or the score go through.
+
+# %%
+float_nodes = maps_only_nodes(artifact/"model.onnx")
+ops = sorted({n.op_type for n in load_onnx_graph(str(artifact/"model.onnx")).graph.node if n.name in float_nodes})
+test_eq("Conv" in ops and "MatMul" in ops, True)  # the head on each cell (a 1x1 convolution); the open-set directions
+len(float_nodes), ops
 
 
 # %%

@@ -142,7 +142,7 @@ def test_exported_graphs_carry_the_open_set_score(open_set_model, not_pets, pets
     x = torch.stack([torch.from_numpy(preset.eval_array(preset.load(p))) for p in [*not_pets.values(), *pets["cat"], *pets["dog"]]])
     with torch.no_grad():
         logits, score = model.forward_open_set(x)
-        ts_logits, ts_score = torch.jit.load(str(open_set_model / "model.ts"))(x)
+        ts_logits, ts_score, _ = torch.jit.load(str(open_set_model / "model.ts"))(x)  # and the heat maps
     session = ort.InferenceSession(str(open_set_model / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_logits, onnx_score = session.run(["logits", "open_set_score"], {"images": x.numpy()})
     assert torch.allclose(ts_logits, logits, atol=1e-4) and torch.allclose(ts_score, score, atol=1e-4)
