@@ -77,15 +77,21 @@ def to_predictions(probs:np.ndarray, # (N, classes) probabilities
 NO_HEAT_MAPS = ("{model_dir} has no heat maps: its graphs were exported without the `maps` output; "
                 "export them again with: python scripts/quantize_model.py {model_dir} --export")
 
+def _logit(p:float) -> float: return float(np.log(p) - np.log1p(-p))
+
 def evidence_grids(maps:np.ndarray, # The graph's `maps` `(N, classes (+1 with the open-set head), h, w)`
                    labels:Sequence[str], # The answers to explain
                    temperature:float=1.0,
                    open_set:OpenSetConfig|None=None, # The fitted open-set head; None: closed set
+                   threshold:float|None=None, # The "neither" threshold on p_cat_or_dog (default: the head's)
                    class_names:Sequence[str]=CLASS_NAMES) -> tuple[np.ndarray, np.ndarray|None]:
-    "Each answer's evidence for its label `(N, h, w)`, and for \"cat or dog\" at all (None when closed set), in log-odds per cell."
+    "Each answer's evidence for its label `(N, h, w)`, and for \"cat or dog\" against \"neither\" (None when closed set), in log-odds per cell."
     maps = np.asarray(maps, dtype=np.float64)
     logits = maps[:, :len(class_names)] / temperature
-    pet = None if open_set is None else open_set.slope * maps[:, len(class_names)] + open_set.offset
+    pet = None
+    if open_set is not None:
+        margin = _logit(min(max(open_set.threshold if threshold is None else threshold, 1e-9), 1 - 1e-9))
+        pet = open_set.slope * maps[:, len(class_names)] + open_set.offset - margin
     grids = []
     for i, label in enumerate(labels):
         if label == NEITHER: grids.append(-pet[i]); continue
@@ -114,6 +120,7 @@ class Predictor:
         self.model_version = hashlib.sha256((self.model_dir/"model_config.json").read_bytes()
                                             + (self.model_dir/"weights.pt").read_bytes()).hexdigest()[:12]
         self.run = load_engine(self.model_dir, self.config, self.settings)
+        self.heat_maps = self.config.heat_maps  # whether answers can be explained (false once the engine shows no maps output)
         self.decoder = ThreadPoolExecutor(self.threads, thread_name_prefix="catsdogs-decode")  # threads start on first use
 
     @classmethod
@@ -153,7 +160,10 @@ class Predictor:
         outputs = self.run(x)
         probs = softmax(outputs[0], self.config.temperature)
         score = outputs[1] if self.open_set is not None and self.config.open_set is not None else None
-        maps = outputs[-1] if self.config.heat_maps else None
+        maps = outputs[-1] if self.heat_maps else None
+        if maps is not None and len(outputs) != 2 + (self.config.open_set is not None):  # an engine file without the maps
+            logger.warning("%s has no maps output: answers come without heat maps", self.run.name)
+            self.heat_maps, maps = False, None
         if self.tta:  # probabilities averaged, the open-set score too (before the sigmoid, the scale its threshold was set on)
             probs = (probs[:n] + probs[n:]) / 2
             if score is not None: score = (score[:n] + score[n:]) / 2
@@ -176,9 +186,9 @@ class Predictor:
         probs, score, maps = self._forward(batch)
         p_any = None if score is None else self.open_set.probability(score)
         answers = to_predictions(probs, self.config.class_names, p_any, self.threshold if self.threshold is not None else 0.5)
-        if places is not None:
+        if places is not None and maps is not None:
             grids, pet_grids = evidence_grids(maps, [a.label for a in answers], self.config.temperature,
-                                              self.open_set if score is not None else None)
+                                              self.open_set if score is not None else None, self.threshold)
             for i, (answer, (size, box)) in enumerate(zip(answers, places)):
                 answer.explanation = Explanation(answer.label, _rounded(grids[i]), tuple(round(b, 5) for b in box), tuple(size),
                                                  None if pet_grids is None else _rounded(pet_grids[i]))
@@ -192,7 +202,7 @@ class Predictor:
                       ) -> list[Prediction|Exception]:
         "A `Prediction` for each source, or the error (`ImageError` for unusable images) in its place; the next batch decodes while one runs."
         flags = [explain] * len(sources) if isinstance(explain, bool) else list(explain)
-        if any(flags) and not self.config.heat_maps: raise ValueError(NO_HEAT_MAPS.format(model_dir=self.model_dir))
+        if any(flags) and not self.heat_maps: raise ValueError(NO_HEAT_MAPS.format(model_dir=self.model_dir))
         chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]
         results: list = []
         pending = self._decode([sources[j] for j in chunks[0]], max_pixels) if chunks else None
@@ -369,7 +379,7 @@ def predict_cli(argv:list[str]|None=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try: predictor = Predictor.from_settings(settings)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_predict: cannot load the model: {e}\n")
-    if args.explain and not predictor.config.heat_maps: parser.exit(2, f"catsdogs_predict: {NO_HEAT_MAPS.format(model_dir=predictor.model_dir)}\n")
+    if args.explain and not predictor.heat_maps: parser.exit(2, f"catsdogs_predict: {NO_HEAT_MAPS.format(model_dir=predictor.model_dir)}\n")
     results = predict_files(predictor, args.images, explain=bool(args.explain))
     pictures = write_heat_pictures(args.images, results, args.explain, settings.heat_map_opacity) if args.explain else [None] * len(results)
     for path, result, picture in zip(args.images, results, pictures): print(_predict_line(path, result, args.json, picture), flush=True)

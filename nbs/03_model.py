@@ -536,6 +536,15 @@ def export_onnx(model:nn.Module, path:Path, example:torch.Tensor, output_names:t
 
 def _as_tuple(out) -> tuple: return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
+@torch.no_grad()
+def _pooling_matches(model:CatsDogsNet, example:torch.Tensor, open_set:bool) -> bool:
+    "Whether the outputs computed from the mean of `feature_map` are the model's own (a backbone whose head does more than pool: not)."
+    own = _as_tuple(model.forward_open_set(example) if open_set else model(example))
+    pooled = model.exported(example, open_set, heat_maps=True)[:len(own)]
+    if all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(own, pooled)): return True
+    warnings.warn(f"{type(model.backbone).__name__}: its features are not the mean of its feature map; exported without heat maps")
+    return False
+
 def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:torch.Tensor|None=None,
                     atol:float=1e-3,
                     check_images:list[Path]=()) -> Path: # Real validation photos, copied to `check_images/`
@@ -547,7 +556,7 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     example = example.cpu().float()
     config.code_version = config.code_version or code_version()
     config.created = config.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    config.heat_maps = model.has_heat_maps
+    config.heat_maps = model.has_heat_maps and _pooling_matches(model, example, bool(config.open_set))
     graph, outputs = _Exported(model, bool(config.open_set), config.heat_maps).eval(), output_names(config)
     with torch.no_grad():
         expected = _as_tuple(graph(example))

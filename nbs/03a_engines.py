@@ -556,7 +556,9 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
 int8_path = quantize_int8(artifact, photos[::2])
 test_eq(int8_path.name, "model.int8.onnx")
 int8_run = make_runner("onnx", artifact, precision="int8")
-test_eq([o.shape for o in int8_run(batch[:2])], [o.shape for o in runners["onnx/f32"](batch[:2])])
+int8_outputs, f32_outputs = int8_run(batch), runners["onnx/f32"](batch)
+test_eq([o.shape for o in int8_outputs], [o.shape for o in f32_outputs])
+test_eq(np.corrcoef(int8_outputs[-1].ravel(), f32_outputs[-1].ravel())[0, 1] > 0.95, True)  # the heat maps of both agree
 f"{int8_path.stat().st_size / 1e6:.2f} MB int8, {(artifact/'model.onnx').stat().st_size / 1e6:.2f} MB f32"
 
 # %% [markdown]

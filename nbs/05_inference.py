@@ -151,28 +151,36 @@ preds[1]
 # evidence for each answer, in the units the answer is decided in, log-odds:
 #
 # - for "cat" (or "dog"): the class's logit minus the other's, over the temperature (the
-#   log-odds of cat against dog), plus the cell's log-odds of "cat or dog at all",
-#   `slope * score + offset`, with the open-set head;
-# - for "neither": minus that last one, the log-odds of "neither".
+#   log-odds of cat against dog), plus, with the open-set head, the cell's log-odds of "cat or
+#   dog at all" measured from the "neither" threshold, `slope * score + offset - logit(threshold)`:
+#   positive where the cell pushes the photo above the threshold;
+# - for "neither": minus that last one.
 #
-# The grid's mean is the answer's log-odds (for "cat", the sum of the two that lead to it). A
-# positive cell speaks for the answer, a negative one against it; cells are 32 pixels of the
-# model's 288 px input.
+# Without TTA, the grid's mean is `logit(confidence) + logit(p_cat_or_dog) - logit(threshold)`
+# for "cat" and "dog" (the margins of the two decisions that lead to the answer), and
+# `logit(threshold) - logit(p_cat_or_dog)` for "neither". A positive cell speaks for the
+# answer, a negative one against it; cells are 32 pixels of the model's 288 px input.
 
 # %%
 #| export
 NO_HEAT_MAPS = ("{model_dir} has no heat maps: its graphs were exported without the `maps` output; "
                 "export them again with: python scripts/quantize_model.py {model_dir} --export")
 
+def _logit(p:float) -> float: return float(np.log(p) - np.log1p(-p))
+
 def evidence_grids(maps:np.ndarray, # The graph's `maps` `(N, classes (+1 with the open-set head), h, w)`
                    labels:Sequence[str], # The answers to explain
                    temperature:float=1.0,
                    open_set:OpenSetConfig|None=None, # The fitted open-set head; None: closed set
+                   threshold:float|None=None, # The "neither" threshold on p_cat_or_dog (default: the head's)
                    class_names:Sequence[str]=CLASS_NAMES) -> tuple[np.ndarray, np.ndarray|None]:
-    "Each answer's evidence for its label `(N, h, w)`, and for \"cat or dog\" at all (None when closed set), in log-odds per cell."
+    "Each answer's evidence for its label `(N, h, w)`, and for \"cat or dog\" against \"neither\" (None when closed set), in log-odds per cell."
     maps = np.asarray(maps, dtype=np.float64)
     logits = maps[:, :len(class_names)] / temperature
-    pet = None if open_set is None else open_set.slope * maps[:, len(class_names)] + open_set.offset
+    pet = None
+    if open_set is not None:
+        margin = _logit(min(max(open_set.threshold if threshold is None else threshold, 1e-9), 1 - 1e-9))
+        pet = open_set.slope * maps[:, len(class_names)] + open_set.offset - margin
     grids = []
     for i, label in enumerate(labels):
         if label == NEITHER: grids.append(-pet[i]); continue
@@ -189,14 +197,15 @@ def _rounded(grid:np.ndarray) -> list[list[float]]:
 # %% [markdown]
 # On made-up maps of a 2x2 grid: the cat's logit is high on the left, and the open-set score is
 # high there too, so the evidence for "cat" sits on the left; the mean of the grid is the log-odds
-# of cat against dog plus that of "cat or dog".
+# of cat against dog plus the margin of "cat or dog" over the threshold (here 0.5, margin 0).
 
 # %%
 made_up = np.zeros((1, 3, 2, 2)); made_up[0, 0, :, 0] = 4.0; made_up[0, 2, :, 0] = 1.0
-made_up_open_set = OpenSetConfig(threshold=0.3, k=1, bank_size=1, slope=3.0, offset=1.0, keep_rate=0.99, val_kept=1.0)
+made_up_open_set = OpenSetConfig(threshold=0.5, k=1, bank_size=1, slope=3.0, offset=1.0, keep_rate=0.99, val_kept=1.0)
 grid, pet_grid = evidence_grids(made_up, ["cat"], open_set=made_up_open_set)
 test_eq(grid[0].tolist(), [[8.0, 1.0], [8.0, 1.0]])
 test_close(grid[0].mean(), (4.0 / 2) + (3.0 * 0.5 + 1.0), eps=1e-9)  # mean logit difference + mean pet log-odds
+test_close(evidence_grids(made_up, ["cat"], open_set=made_up_open_set, threshold=0.25)[0][0], grid[0] + np.log(3), eps=1e-9)
 test_eq(evidence_grids(made_up, ["neither"], open_set=made_up_open_set)[0][0].tolist(), (-pet_grid[0]).tolist())
 grid[0]
 
@@ -221,6 +230,7 @@ class Predictor:
         self.model_version = hashlib.sha256((self.model_dir/"model_config.json").read_bytes()
                                             + (self.model_dir/"weights.pt").read_bytes()).hexdigest()[:12]
         self.run = load_engine(self.model_dir, self.config, self.settings)
+        self.heat_maps = self.config.heat_maps  # whether answers can be explained (false once the engine shows no maps output)
         self.decoder = ThreadPoolExecutor(self.threads, thread_name_prefix="catsdogs-decode")  # threads start on first use
 
     @classmethod
@@ -260,7 +270,10 @@ class Predictor:
         outputs = self.run(x)
         probs = softmax(outputs[0], self.config.temperature)
         score = outputs[1] if self.open_set is not None and self.config.open_set is not None else None
-        maps = outputs[-1] if self.config.heat_maps else None
+        maps = outputs[-1] if self.heat_maps else None
+        if maps is not None and len(outputs) != 2 + (self.config.open_set is not None):  # an engine file without the maps
+            logger.warning("%s has no maps output: answers come without heat maps", self.run.name)
+            self.heat_maps, maps = False, None
         if self.tta:  # probabilities averaged, the open-set score too (before the sigmoid, the scale its threshold was set on)
             probs = (probs[:n] + probs[n:]) / 2
             if score is not None: score = (score[:n] + score[n:]) / 2
@@ -283,9 +296,9 @@ class Predictor:
         probs, score, maps = self._forward(batch)
         p_any = None if score is None else self.open_set.probability(score)
         answers = to_predictions(probs, self.config.class_names, p_any, self.threshold if self.threshold is not None else 0.5)
-        if places is not None:
+        if places is not None and maps is not None:
             grids, pet_grids = evidence_grids(maps, [a.label for a in answers], self.config.temperature,
-                                              self.open_set if score is not None else None)
+                                              self.open_set if score is not None else None, self.threshold)
             for i, (answer, (size, box)) in enumerate(zip(answers, places)):
                 answer.explanation = Explanation(answer.label, _rounded(grids[i]), tuple(round(b, 5) for b in box), tuple(size),
                                                  None if pet_grids is None else _rounded(pet_grids[i]))
@@ -299,7 +312,7 @@ class Predictor:
                       ) -> list[Prediction|Exception]:
         "A `Prediction` for each source, or the error (`ImageError` for unusable images) in its place; the next batch decodes while one runs."
         flags = [explain] * len(sources) if isinstance(explain, bool) else list(explain)
-        if any(flags) and not self.config.heat_maps: raise ValueError(NO_HEAT_MAPS.format(model_dir=self.model_dir))
+        if any(flags) and not self.heat_maps: raise ValueError(NO_HEAT_MAPS.format(model_dir=self.model_dir))
         chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]
         results: list = []
         pending = self._decode([sources[j] for j in chunks[0]], max_pixels) if chunks else None
@@ -479,9 +492,10 @@ test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-
 # `predict_batch(..., explain=True)` adds an `Explanation` to each answer: the evidence grid of
 # the answer's label (above), the grid of "cat or dog at all" with the open-set head, the box
 # of the photo the grid covers and the photo's size. The forward pass computes the maps
-# whether or not they are asked for (they cost well under 1% of it); turning them into grids
-# is done only for the answers that ask. An artifact whose graphs have no `maps` output
-# (`ModelConfig.heat_maps` false) refuses `explain` with `NO_HEAT_MAPS`.
+# whether or not they are asked for (1% to 3% of it: `benchmarks/bench_explain.py`); turning
+# them into grids is done only for the answers that ask. A predictor whose graphs have no `maps`
+# output (`Predictor.heat_maps` false: `ModelConfig.heat_maps` false, or an engine file exported
+# without them) refuses `explain` with `NO_HEAT_MAPS`.
 
 # %%
 explained = predictor.predict_batch([cat_jpg, b"not an image", dog_jpg], explain=[True, True, False])
@@ -489,8 +503,10 @@ why = explained[0].explanation
 test_eq(isinstance(why, Explanation), True)
 test_eq((why.label, why.size, np.shape(why.grid)), (explained[0].label, Image.open(cat_jpg).size, (6, 6)))  # 96 px, four stride-2 blocks
 test_eq((type(explained[1]).__name__, explained[2].explanation), ("ImageError", None))
-test_close(np.mean(why.grid), np.mean(evidence_grids(predictor.run(predictor.preprocess(cat_jpg)[None])[-1], [why.label],
-                                                     config.temperature, config.open_set)[0]), eps=1e-3)
+answer, margin = explained[0], _logit(predictor.threshold)
+from_answer = (_logit(answer.confidence) + _logit(answer.p_cat_or_dog) - margin if answer.label != NEITHER
+               else margin - _logit(answer.p_cat_or_dog))
+test_close(np.mean(why.grid), from_answer, eps=1e-3 * (1 + abs(from_answer)))  # the grid adds up to the answer's margins
 why
 
 # %% [markdown]
@@ -629,7 +645,7 @@ def predict_cli(argv:list[str]|None=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try: predictor = Predictor.from_settings(settings)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_predict: cannot load the model: {e}\n")
-    if args.explain and not predictor.config.heat_maps: parser.exit(2, f"catsdogs_predict: {NO_HEAT_MAPS.format(model_dir=predictor.model_dir)}\n")
+    if args.explain and not predictor.heat_maps: parser.exit(2, f"catsdogs_predict: {NO_HEAT_MAPS.format(model_dir=predictor.model_dir)}\n")
     results = predict_files(predictor, args.images, explain=bool(args.explain))
     pictures = write_heat_pictures(args.images, results, args.explain, settings.heat_map_opacity) if args.explain else [None] * len(results)
     for path, result, picture in zip(args.images, results, pictures): print(_predict_line(path, result, args.json, picture), flush=True)

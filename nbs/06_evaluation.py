@@ -122,7 +122,7 @@ f"{(labelled.probs.argmax(1) == labelled.targets).mean():.1%} of {len(labelled.p
 def explained_picture(predictor:Predictor, # The predictor whose answer is explained
                       draft_size:int=256) -> Callable[[Path], Image.Image]|None: # Decode photos at about this size
     "A function drawing a photo with the heat map of `predictor`'s answer (`heat_picture`), or None when it has no heat maps."
-    if not predictor.config.heat_maps: return None
+    if not predictor.heat_maps: return None
     def picture(path:Path) -> Image.Image:
         answer = predictor.predict_batch([path], explain=True)[0]
         photo = load_image(path, draft_size=draft_size)

@@ -25,16 +25,19 @@ parser.add_argument("--prepared", type=Path, help="The prepared data it was trai
 parser.add_argument("--int8-calibration-images", type=int, help="Training photos to calibrate on (default: the setting's)")
 parser.add_argument("--export", action="store_true", help="Export model.onnx and model.ts again from weights.pt first")
 args = parser.parse_args()
+prepared_dir = args.prepared or args.model_dir / "data"
+data = load_prepared(prepared_dir) if (prepared_dir / "manifest.csv").is_file() else None
+if data is None and ((args.model_dir / "model.int8.onnx").is_file() or not args.export):  # checked before anything changes
+    sys.exit(f"quantize_model: no prepared data at {prepared_dir} to calibrate the int8 model on; pass --prepared")
+version = ModelConfig.load(args.model_dir / "model_config.json").dataset_version
+if data is not None and version and version != data.version:
+    sys.exit(f"quantize_model: {prepared_dir} is dataset {data.version[:12]}, the model was trained on {version[:12]}")
 if args.export:
     from catsdogs.model import export_artifact, load_model, output_names
     model, model_config = load_model(args.model_dir)
     export_artifact(model, args.model_dir, model_config)
     print(f"{args.model_dir}: graphs exported with the outputs {', '.join(output_names(model_config))}")
-prepared_dir = args.prepared or args.model_dir / "data"
-if not (prepared_dir / "manifest.csv").is_file(): sys.exit(f"quantize_model: no prepared data at {prepared_dir}; pass --prepared")
-data = load_prepared(prepared_dir)
-version = ModelConfig.load(args.model_dir / "model_config.json").dataset_version
-if version and version != data.version: sys.exit(f"quantize_model: {prepared_dir} is dataset {data.version[:12]}, the model was trained on {version[:12]}")
+    if data is None: sys.exit(0)  # no int8 model to quantize again, and no data to make one
 settings = TrainingSettings(**({"int8_calibration_images": args.int8_calibration_images} if args.int8_calibration_images else {}))
 train, val = data.split("train"), data.split("val")
 config = quantize_artifact(args.model_dir, [data.root / p for p in train.path], [data.root / p for p in val.path],

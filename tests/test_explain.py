@@ -1,12 +1,14 @@
 """Heat maps through the real server on 127.0.0.1: on composites of a real cat or dog beside a real photo of something
 else, the evidence for the answer lies on the animal's side; the overlay is a PNG of the photo's size, for uploads, batches
-and URLs; a model exported without heat maps says so with a 501; `catsdogs_predict --explain` writes pictures."""
+and URLs; explained and plain requests share forward passes; a model exported without heat maps says so with a 501;
+`catsdogs_predict --explain` writes pictures."""
 import base64
 import io
 import json
 import random
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -19,7 +21,7 @@ from catsdogs.data import load_prepared
 from catsdogs.model import build_model, config_for_backbone, export_artifact, export_onnx
 from catsdogs.presets import load_image
 from catsdogs.serving import create_app
-from helpers_serving import demo_artifact, file_server, run_server, sample_images
+from helpers_serving import demo_artifact, file_server, metric_samples, run_server, sample_images
 
 N_COMPOSITES = 48
 
@@ -147,3 +149,29 @@ def test_predict_cli_writes_heat_pictures(open_set_model, sample_dir, tmp_path):
         assert picture.size == Image.open(photo).size and picture.format == "JPEG"
         assert answer["heat_map"].endswith(f"{photo.stem}.{answer['label']}.jpg")
         assert np.shape(answer["explanation"]["grid"]) == (7, 7)  # 224 px: 7x7 cells
+
+
+def test_explained_and_plain_requests_share_batches(explaining_server, sample_dir):
+    photos = sample_images(sample_dir, "cat", 4) + sample_images(sample_dir, "dog", 4)
+    alone = {p.name: httpx.post(f"{explaining_server}/predict", files={"file": (p.name, p.read_bytes(), "image/jpeg")}, timeout=60).json()
+             for p in photos}
+    before = metric_samples(httpx.get(f"{explaining_server}/metrics").text)
+
+    def ask(i_photo):
+        i, photo = i_photo
+        explain = i % 2 == 0
+        answer = httpx.post(f"{explaining_server}/predict", params={"explain": str(explain).lower()},
+                            files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=60).json()
+        return photo, explain, answer
+
+    for _ in range(3):
+        with ThreadPoolExecutor(len(photos)) as pool:
+            for photo, explain, answer in pool.map(ask, enumerate(photos)):
+                assert (answer["explanation"] is not None) == explain
+                assert answer["label"] == alone[photo.name]["label"]
+                assert abs(answer["p_dog"] - alone[photo.name]["p_dog"]) < 1e-4
+                if explain: assert decode_overlay(answer["explanation"]).size == Image.open(photo).size
+    after = metric_samples(httpx.get(f"{explaining_server}/metrics").text)
+    images = after[("catsdogs_inference_batch_size_sum", ())] - before[("catsdogs_inference_batch_size_sum", ())]
+    passes = after[("catsdogs_inference_batch_size_count", ())] - before[("catsdogs_inference_batch_size_count", ())]
+    assert images == 3 * len(photos) and passes < images  # requests were batched together, each answered as it asked
