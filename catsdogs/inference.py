@@ -27,8 +27,8 @@ from .presets import CLASS_NAMES, ImageError, ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
 __all__ = ['logger', 'NEITHER', 'NO_HEAT_MAPS', 'HEAT_LEVELS', 'Explanation', 'Prediction', 'to_predictions', 'evidence_grids',
-           'Predictor', 'check_artifact', 'resolve_model', 'promote', 'heat_colors', 'heat_levels', 'heat_overlay',
-           'heat_picture', 'predict_files', 'write_heat_pictures', 'predict_cli']
+           'Predictor', 'check_artifact', 'resolve_model', 'promote', 'heat_colors', 'heat_levels', 'overlay_size',
+           'heat_overlay', 'heat_picture', 'predict_files', 'write_heat_pictures', 'predict_cli']
 
 # %% ../nbs/05_inference.ipynb #b5a533ce
 logger = logging.getLogger("catsdogs.inference")
@@ -306,8 +306,9 @@ def heat_levels(grid:Sequence[Sequence[float]], # Evidence per cell (`Explanatio
     canvas.paste(smooth.point(lambda v: v * HEAT_LEVELS // 256), (left, top))
     return canvas
 
-def _fitted(size:tuple[int, int], max_side:int|None) -> tuple[int, int]:
-    "`size` scaled down (never up) to fit `max_side`."
+def overlay_size(size:tuple[int, int], # The photo's width and height
+                 max_side:int|None) -> tuple[int, int]: # The `heat_map_max_side` setting; None: no limit
+    "The size of a photo's heat-map overlay: `size` scaled down (never up) to fit `max_side`."
     scale = min(1.0, max_side / max(size)) if max_side else 1.0
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
@@ -315,7 +316,7 @@ def heat_overlay(explanation:Explanation, # An answer's explanation
                  max_side:int|None=None) -> bytes: # Scale down to at most this (the `heat_map_max_side` setting); None: the photo's size
     "A transparent PNG of the photo's size with the heat of `explanation` on it, to lay over the photo."
     import io
-    levels = heat_levels(explanation.grid, explanation.box, _fitted(tuple(explanation.size), max_side))
+    levels = heat_levels(explanation.grid, explanation.box, overlay_size(tuple(explanation.size), max_side))
     levels.putpalette(heat_colors().tobytes(), rawmode="RGBA")  # the levels become palette indices: 4 bits a pixel
     out = io.BytesIO()
     levels.save(out, format="PNG", compress_level=1, bits=4)

@@ -547,8 +547,9 @@ def heat_levels(grid:Sequence[Sequence[float]], # Evidence per cell (`Explanatio
     canvas.paste(smooth.point(lambda v: v * HEAT_LEVELS // 256), (left, top))
     return canvas
 
-def _fitted(size:tuple[int, int], max_side:int|None) -> tuple[int, int]:
-    "`size` scaled down (never up) to fit `max_side`."
+def overlay_size(size:tuple[int, int], # The photo's width and height
+                 max_side:int|None) -> tuple[int, int]: # The `heat_map_max_side` setting; None: no limit
+    "The size of a photo's heat-map overlay: `size` scaled down (never up) to fit `max_side`."
     scale = min(1.0, max_side / max(size)) if max_side else 1.0
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
@@ -556,7 +557,7 @@ def heat_overlay(explanation:Explanation, # An answer's explanation
                  max_side:int|None=None) -> bytes: # Scale down to at most this (the `heat_map_max_side` setting); None: the photo's size
     "A transparent PNG of the photo's size with the heat of `explanation` on it, to lay over the photo."
     import io
-    levels = heat_levels(explanation.grid, explanation.box, _fitted(tuple(explanation.size), max_side))
+    levels = heat_levels(explanation.grid, explanation.box, overlay_size(tuple(explanation.size), max_side))
     levels.putpalette(heat_colors().tobytes(), rawmode="RGBA")  # the levels become palette indices: 4 bits a pixel
     out = io.BytesIO()
     levels.save(out, format="PNG", compress_level=1, bits=4)
@@ -580,6 +581,7 @@ def heat_picture(photo:Image.Image, # The photo, upright RGB (`load_image`), at 
 overlay = Image.open(io.BytesIO(heat_overlay(why)))
 test_eq((overlay.format, overlay.size), ("PNG", why.size))
 test_eq(Image.open(io.BytesIO(heat_overlay(why, max_side=100))).size, (100, round(100 * why.size[1] / why.size[0])))
+test_eq((overlay_size((2000, 1500), 1024), overlay_size((300, 200), 1024)), ((1024, 768), (300, 200)))
 test_eq(heat_colors()[0, 3], 0)  # level 0 is clear
 test_eq(np.asarray(heat_levels(why.grid, why.box, why.size)).max(), HEAT_LEVELS - 1)  # the strongest cell gets the top level
 picture = heat_picture(load_image(cat_jpg), why)

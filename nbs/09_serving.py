@@ -93,7 +93,8 @@ from catsdogs.config import (MODEL_SOURCE, InferenceSettings, ServingSettings, S
                              settings_parser)
 from catsdogs.http_input import (FetchRefused, fetch_url, image_http_error, read_body, read_multipart, read_within,
                                  refusal_reason, unless_disconnected)
-from catsdogs.inference import NO_HEAT_MAPS, Explanation, Prediction, Predictor, check_artifact, heat_overlay, resolve_model
+from catsdogs.inference import (NO_HEAT_MAPS, Explanation, Prediction, Predictor, check_artifact, heat_overlay, overlay_size,
+                                resolve_model)
 from catsdogs.presets import ImageError
 
 # %%
@@ -385,9 +386,8 @@ class Service:
     async def _explained(self, explanation:Explanation) -> ExplanationOut:
         "The API form of `explanation`: drawn here for photos up to `INLINE_OVERLAY_PIXELS` (about 2 ms, less than a thread hop costs), in a thread above."
         draw = functools.partial(ExplanationOut.of, explanation, self.settings.heat_map_max_side)
-        width, height = explanation.size
-        scale = min(1.0, self.settings.heat_map_max_side / max(width, height))
-        return draw() if width * height * scale * scale <= INLINE_OVERLAY_PIXELS else await anyio.to_thread.run_sync(draw)
+        width, height = overlay_size(tuple(explanation.size), self.settings.heat_map_max_side)
+        return draw() if width * height <= INLINE_OVERLAY_PIXELS else await anyio.to_thread.run_sync(draw)
 
     def no_heat_maps(self) -> HTTPException:
         "The 501 answer to `explain=true` when the served model's graphs have no heat maps."
