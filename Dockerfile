@@ -18,10 +18,10 @@ COPY setup.py settings.ini pyproject.toml README.md ./
 COPY catsdogs ./catsdogs
 RUN pip install ".[serve]" && rm -rf /app/build
 
-# Optional: bake a model artifact from the build context into /models.
+# Optional: bake a model artifact from the build context into /models (its training checkpoints stay out).
 ARG MODEL_DIR=""
 RUN --mount=type=bind,target=/ctx mkdir -p /models \
-    && if [ -n "$MODEL_DIR" ]; then cp -r "/ctx/$MODEL_DIR/." /models/; fi
+    && if [ -n "$MODEL_DIR" ]; then cp -r "/ctx/$MODEL_DIR/." /models/ && rm -rf /models/checkpoints; fi
 
 RUN useradd --create-home --uid 10001 catsdogs && chown -R catsdogs /models
 USER catsdogs

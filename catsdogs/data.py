@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -268,7 +269,7 @@ def prepare_cli(argv:list[str]|None=None):
                              [DataSettings], aliases={"--out": "prepared_dir"})
     settings, _ = parse_settings(parser, argv)
     out = settings.prepared_dir
-    try: prepared = prepare(settings, out)
+    try: prepared = prepare(settings, out, progress=sys.stderr.isatty())  # progress bars on a terminal, not in logs
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # no network, refused, or an HTTP error status
         reason = getattr(e, "reason", None) or e
         parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "

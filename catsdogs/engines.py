@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,7 +75,9 @@ def _torchscript_runner(path:Path, threads:int) -> Callable:
     "The traced TorchScript graph `model.ts`."
     import torch
     torch.set_num_threads(threads)
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():  # TorchScript stays one of the engines while PyTorch deprecates it
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load", category=FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu").eval()
     def run(x):
         with torch.inference_mode(): return _numpy_outputs(module(torch.from_numpy(x)))
     return run
@@ -315,8 +318,10 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
     model_dir = Path(model_dir)
     preset = Preset.from_config(ModelConfig.load(model_dir/"model_config.json"))
     quiet = logging.getLogger(); level = quiet.level; quiet.setLevel(logging.ERROR)  # the tool logs a warning per folded bias
+    # The open-set head's masked logits (-inf outside the pet classes) feed Softmax in float, unquantized; the tool still
+    # computes a zero point for their infinite range, and NumPy would warn of that unused NaN.
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, np.errstate(invalid="ignore"):
             quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -107,7 +107,7 @@ def eval_cli(argv:list[str]|None=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try: predictor = Predictor.from_settings(settings)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_eval: cannot load the model: {e}\n")
-    try: metrics = evaluate_folder(predictor, settings.data_dir, settings.ood_dir, args.batch_size, progress=True, figures=args.figures)
+    try: metrics = evaluate_folder(predictor, settings.data_dir, settings.ood_dir, args.batch_size, progress=sys.stderr.isatty(), figures=args.figures)
     except (OSError, ValueError) as e: parser.exit(2, f"catsdogs_eval: {e}\n")
     print(f"{metrics['n_images']} images evaluated with {predictor!r}, {metrics['n_skipped']} unreadable skipped")
     for k, v in metrics.items():

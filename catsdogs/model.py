@@ -353,7 +353,9 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     graph, outputs = _Exported(model, bool(config.open_set), config.heat_maps).eval(), output_names(config)
     with torch.no_grad():
         expected = _as_tuple(graph(example))
-        scripted = torch.jit.trace(graph, example)
+        with warnings.catch_warnings():  # TorchScript stays one of the engines while PyTorch deprecates tracing
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+            scripted = torch.jit.trace(graph, example)
         test_ts = _as_tuple(scripted(example))
     export_onnx(graph, out/"model.onnx", example, outputs)
     session = ort.InferenceSession(str(out/"model.onnx"), providers=["CPUExecutionProvider"])
@@ -393,5 +395,7 @@ def demo_artifact(out:Path, # Folder to write the artifact to
         preset = Preset.from_config(config)
         batch = torch.from_numpy(preset.stack(open_set_photos))
         with torch.no_grad(): features = model.backbone(batch)
-        config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
+        with warnings.catch_warnings():  # a demo fits on a handful of photos on purpose
+            warnings.filterwarnings("ignore", message=r"only \d+ validation photos")
+            config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
     return export_artifact(model, out, config, check_images=list(check_images))

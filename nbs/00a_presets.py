@@ -104,7 +104,7 @@ data_dir = demo_data_dir()
 picked = sample_photos("dog", 3, data_dir)
 test_eq((len(picked), all(p.name.startswith("dog.") for p in picked)), (3, True))
 test_eq([int(p.stem.split(".")[1]) for p in picked], sorted(int(p.stem.split(".")[1]) for p in picked))
-data_dir, sorted(p.name for p in data_dir.iterdir())
+data_dir.name, sorted(p.name for p in data_dir.iterdir())
 
 # %% [markdown]
 # The stand-in, small, with every kind of odd file the real download has:

@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -445,7 +446,7 @@ def prepare_cli(argv:list[str]|None=None):
                              [DataSettings], aliases={"--out": "prepared_dir"})
     settings, _ = parse_settings(parser, argv)
     out = settings.prepared_dir
-    try: prepared = prepare(settings, out)
+    try: prepared = prepare(settings, out, progress=sys.stderr.isatty())  # progress bars on a terminal, not in logs
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # no network, refused, or an HTTP error status
         reason = getattr(e, "reason", None) or e
         parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "
@@ -463,8 +464,8 @@ with tempfile.TemporaryDirectory() as tmp:
 prepared.version
 
 # %%
-with tempfile.TemporaryDirectory() as tmp:
-    prepare_cli(["--data-dir", str(data_dir), "--out", tmp])
+with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+    prepare_cli(["--data-dir", str(data_dir), "--out", "prepared"])
 
 # %% [markdown]
 # Without a network (here: a port on this machine where nothing listens), the first run that

@@ -10,8 +10,6 @@
 # training gets. Nothing is exported.
 
 # %%
-import warnings
-
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -19,7 +17,6 @@ import seaborn as sns
 from matplotlib_inline.backend_inline import set_matplotlib_formats
 import torch
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by libraries) without ipywidgets
 from catsdogs.config import Settings
 from catsdogs.data import build_manifest, demo_data_dir, find_images
 from catsdogs.presets import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, Preset

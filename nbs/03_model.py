@@ -366,6 +366,17 @@ p_pet, p_far = fitted.probability(head(torch.cat([fake_pets(1), -pet_direction[N
 assert p_pet >= fitted.threshold > p_far
 fitted
 
+# %% [markdown]
+# Too few validation photos to place the threshold at the share asked for: the threshold keeps
+# them all, and `fit_open_set` warns.
+
+# %%
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    few = fit_open_set(OpenSetHead(16, k=3), fake_pets(20), fake_pets(10), TrainingSettings(open_set_keep_rate=0.95))
+test_eq((few.val_kept, len(caught)), (1.0, 1))
+print(caught[0].message)
+
 
 # %% [markdown]
 # ## The classifier
@@ -560,7 +571,9 @@ def export_artifact(model:CatsDogsNet, out:Path, config:ModelConfig, example:tor
     graph, outputs = _Exported(model, bool(config.open_set), config.heat_maps).eval(), output_names(config)
     with torch.no_grad():
         expected = _as_tuple(graph(example))
-        scripted = torch.jit.trace(graph, example)
+        with warnings.catch_warnings():  # TorchScript stays one of the engines while PyTorch deprecates tracing
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+            scripted = torch.jit.trace(graph, example)
         test_ts = _as_tuple(scripted(example))
     export_onnx(graph, out/"model.onnx", example, outputs)
     session = ort.InferenceSession(str(out/"model.onnx"), providers=["CPUExecutionProvider"])
@@ -614,11 +627,11 @@ shapes
 # records it, the weights carry the bank, and the exported graphs give both outputs:
 
 # %%
-import onnxruntime as ort
 model = build_model("small_cnn", pretrained=False).eval()
 with torch.no_grad(): features = model.backbone(torch.randn(12, 3, 64, 64))
 with tempfile.TemporaryDirectory() as tmp:
-    config = config_for_backbone("small_cnn", 64, 0.875, open_set=fit_open_set(model.open_set, features[:8], features[8:]))
+    four_photos = TrainingSettings(open_set_keep_rate=0.75)  # the threshold refuses one of the four validation features
+    config = config_for_backbone("small_cnn", 64, 0.875, open_set=fit_open_set(model.open_set, features[:8], features[8:], four_photos))
     export_artifact(model, tmp, config)
     reloaded, reloaded_config = load_model(tmp)
     test_eq(reloaded_config.open_set, config.open_set)
@@ -655,7 +668,9 @@ def demo_artifact(out:Path, # Folder to write the artifact to
         preset = Preset.from_config(config)
         batch = torch.from_numpy(preset.stack(open_set_photos))
         with torch.no_grad(): features = model.backbone(batch)
-        config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
+        with warnings.catch_warnings():  # a demo fits on a handful of photos on purpose
+            warnings.filterwarnings("ignore", message=r"only \d+ validation photos")
+            config.open_set = fit_open_set(model.open_set, features[::2], features[1::2])
     return export_artifact(model, out, config, check_images=list(check_images))
 
 

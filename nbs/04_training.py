@@ -44,7 +44,9 @@ import json
 import os
 import multiprocessing
 import random
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -68,13 +70,16 @@ from catsdogs.presets import CLASS_NAMES, ModelConfig, OpenSetConfig, Preset
 from fastcore.test import test_eq, test_fail, test_close
 import io, tempfile, warnings
 from IPython.display import Image as Figure, display  # here: nbdev runs every cell that imports when it renders the docs
-warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices
-warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
+import logging
 import mlflow
 from catsdogs.data import demo_data_dir
 from catsdogs.metrics import open_set_figures
 from catsdogs.model import load_model
+
+# %%
+#| hide
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # MLflow's notes on creating a store are not this page's output
+warnings.filterwarnings("ignore", message=r"only \d+ validation photos")  # the demos' 16 (the model notebook shows this warning)
 
 
 # %% [markdown]
@@ -403,9 +408,13 @@ class Tracker:
     def log_dataset(self, prepared:PreparedData):
         "The manifest as an MLflow dataset input whose digest is the dataset version."
         if not self.enabled: return
-        ds = self.mlflow.data.from_pandas(prepared.manifest, source=str(prepared.root), name="catsdogs-manifest",
-                                          targets="label", digest=prepared.version[:32])
-        self.mlflow.log_input(ds, context="training")
+        with warnings.catch_warnings():  # MLflow registers two local dataset sources under one name, and hints that integer
+            # columns cannot hold missing values (the manifest has none)
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            ds = self.mlflow.data.from_pandas(prepared.manifest, source=str(prepared.root), name="catsdogs-manifest",
+                                              targets="label", digest=prepared.version[:32])
+            self.mlflow.log_input(ds, context="training")
         self.mlflow.set_tag("dataset_version", prepared.version)
 
     def log_artifacts(self, folder:Path, artifact_path:str):
@@ -940,7 +949,7 @@ def train_cli(argv:list[str]|None=None):
     if args.quick and args.image_size is None: settings.image_size = 96  # small inputs unless asked otherwise
     prepared = load_prepared(args.prepared) if args.prepared else None
     try: result = train(settings, prepared, quick=args.quick, resume=args.resume, mlflow=not args.no_mlflow,
-                        stop_after_epochs=args.stop_after_epochs)
+                        stop_after_epochs=args.stop_after_epochs, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as e:  # a missing folder or checkpoint, a registry URI to write to, an unknown backbone
         parser.exit(2, f"catsdogs_train: {e}\n")
     if result: print(f"model artifact: {result.model_dir}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))

@@ -52,11 +52,18 @@ from catsdogs.presets import CLASS_NAMES, ImageError, ModelConfig, OpenSetConfig
 #| hide
 import contextlib, io
 import mlflow
+from IPython.display import display
+from nbdev.showdoc import show_doc
 import torch
 from fastcore.test import test_eq, test_fail, test_close
 from catsdogs.engines import BACKENDS, PRECISIONS
 from catsdogs.presets import demo_data_dir
 from catsdogs.model import demo_artifact
+
+# %%
+#| hide
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # MLflow's notes on creating a store are not this page's output
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # nor its download progress bars
 
 # %%
 #| export
@@ -443,8 +450,6 @@ predictor.threads
 
 # %%
 #| echo: false
-from nbdev.showdoc import show_doc
-from IPython.display import display
 for method in (Predictor.from_settings, Predictor.predict_batch, Predictor.predict, Predictor.preprocess, Predictor.predict_arrays,
                Predictor.scores, Predictor.probabilities):
     display(show_doc(method))
@@ -656,15 +661,18 @@ def predict_cli(argv:list[str]|None=None) -> int:
 
 # %%
 notes = Path(tmp.name)/"notes.txt"; notes.write_text("hello")
-test_eq(predict_cli([str(cat_jpg), str(notes), "--model", str(artifact), "--backend", "onnx"]), 1)
-test_eq(predict_cli([str(dog_jpg), "--model", str(artifact), "--json"]), 0)
-test_eq(predict_cli([str(dog_jpg), "--model", str(artifact), "--no-open-set"]), 0)
+for photo in (cat_jpg, dog_jpg): shutil.copy(photo, tmp.name)
+with contextlib.chdir(tmp.name):  # paths as typed at a prompt in the folder that holds the photos and the model
+    test_eq(predict_cli([cat_jpg.name, "notes.txt", "--model", "model", "--backend", "onnx"]), 1)
+    test_eq(predict_cli([dog_jpg.name, "--model", "model", "--json"]), 0)
+    test_eq(predict_cli([dog_jpg.name, "--model", "model", "--no-open-set"]), 0)
 
 # %% [markdown]
 # `--explain DIR` writes each photo with its heat map blended in, named after the photo and the answer:
 
 # %%
-test_eq(predict_cli([str(cat_jpg), str(dog_jpg), "--model", str(artifact), "--explain", f"{tmp.name}/why"]), 0)
+with contextlib.chdir(tmp.name):
+    test_eq(predict_cli([cat_jpg.name, dog_jpg.name, "--model", "model", "--explain", "why"]), 0)
 written = sorted(p.name for p in Path(f"{tmp.name}/why").iterdir())
 test_eq([name.rsplit(".", 2)[0] for name in written], [cat_jpg.stem, dog_jpg.stem])
 written
@@ -675,7 +683,7 @@ written
 # %%
 pictures = write_heat_pictures([cat_jpg, notes], predict_files(predictor, [cat_jpg, notes], explain=True), Path(tmp.name)/"again")
 test_eq((pictures[0].name, pictures[1]), (f"{cat_jpg.stem}.{predictor.predict(cat_jpg).label}.jpg", None))
-pictures
+[picture and picture.relative_to(tmp.name) for picture in pictures]
 
 # %% [markdown]
 # `predict_files` is what `catsdogs_predict` and `catsdogs_eval` run: it decodes each batch on

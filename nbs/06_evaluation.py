@@ -44,7 +44,6 @@ from catsdogs.presets import list_images, load_image
 from fastcore.test import test_eq, test_fail
 import contextlib, io, tempfile, warnings
 from IPython.display import Image as Figure, display  # here: nbdev runs every cell that imports when it renders the docs
-warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices
 from PIL import Image
 from catsdogs.config import Settings
 from catsdogs.data import load_prepared
@@ -245,7 +244,7 @@ def eval_cli(argv:list[str]|None=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try: predictor = Predictor.from_settings(settings)
     except (OSError, ValueError, RuntimeError) as e: parser.exit(2, f"catsdogs_eval: cannot load the model: {e}\n")
-    try: metrics = evaluate_folder(predictor, settings.data_dir, settings.ood_dir, args.batch_size, progress=True, figures=args.figures)
+    try: metrics = evaluate_folder(predictor, settings.data_dir, settings.ood_dir, args.batch_size, progress=sys.stderr.isatty(), figures=args.figures)
     except (OSError, ValueError) as e: parser.exit(2, f"catsdogs_eval: {e}\n")
     print(f"{metrics['n_images']} images evaluated with {predictor!r}, {metrics['n_skipped']} unreadable skipped")
     for k, v in metrics.items():

@@ -38,6 +38,8 @@ from catsdogs.config import ServingSettings
 # %%
 #| hide
 from fastcore.test import test_eq
+from IPython.display import display
+from nbdev.showdoc import show_doc
 
 
 # %% [markdown]
@@ -152,8 +154,6 @@ def _settle(batch:list, results:list|BaseException):
 
 # %%
 #| echo: false
-from nbdev.showdoc import show_doc
-from IPython.display import display
 for method in (MicroBatcher.submit, MicroBatcher.close): display(show_doc(method))
 
 # %% [markdown]

@@ -99,19 +99,17 @@ from catsdogs.presets import ImageError
 
 # %%
 #| hide
+import contextlib
 import io
 import tempfile
-import warnings
+from IPython.display import display
+from nbdev.showdoc import show_doc
 import numpy as np
 from PIL import Image
 from fastapi.testclient import TestClient
 from fastcore.test import test_eq
 from catsdogs.presets import demo_data_dir
 from catsdogs.model import demo_artifact
-
-# %%
-#| hide
-warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation notices of export_artifact
 
 # %%
 #| export
@@ -416,8 +414,6 @@ class Service:
 
 # %%
 #| echo: false
-from nbdev.showdoc import show_doc
-from IPython.display import display
 for method in (Service.start, Service.predict_bytes, Service.reload, Service.fetch, Service.stop): display(show_doc(method))
 
 
@@ -755,9 +751,10 @@ def serve_cli(argv:list[str]|None=None):
 
 
 # %%
-try: serve_cli(["--model-dir", str(Path(tmp.name)/"missing")])
-except SystemExit as e: test_eq(e.code, 2)
-else: raise AssertionError("serve_cli should refuse a missing model")
+with contextlib.chdir(tmp.name):  # a folder named as typed at a prompt
+    try: serve_cli(["--model-dir", "missing"])
+    except SystemExit as e: test_eq(e.code, 2)
+    else: raise AssertionError("serve_cli should refuse a missing model")
 
 # %% [markdown]
 # Each uvicorn worker of `catsdogs_serve --workers N` builds its app from the environment:

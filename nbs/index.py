@@ -65,8 +65,11 @@
 # makes of the notebooks, runs every notebook top to bottom in a fresh process of its own
 # (`scripts/test_notebooks.py`, `nbdev_test` per notebook), checks that every
 # exported function and class has a docstring and an example with its output on its docs page
-# (`scripts/check_docs.py`), then runs `pytest`. Browser tests use Debian's Chromium, which the
-# script installs with `apt-get` when missing. Tests that train on the whole sample (the
+# (`scripts/check_docs.py`), renders and checks the docs site (`scripts/docs.sh`, below), lints
+# the GitHub workflows and the Kubernetes manifest (`scripts/lint_deploy.sh`), then runs `pytest`.
+# Browser tests use Debian's Chromium, which the script installs with `apt-get` when missing (or
+# the browser binary named by `CHROMIUM`); the container test builds and runs the image where
+# podman or docker is installed, and is skipped elsewhere. Tests that train on the whole sample (the
 # "neither" suite, exact resume, DDP) are marked `slow` and run with
 # `bash benchmarks/slow_tests.sh` (about 8 minutes); the default run still trains one real
 # model and holds it to an accuracy floor.
@@ -156,7 +159,13 @@
 # mistakes and doubtful "neither" answers with them. With the default model trained on the
 # sample (`python scripts/heat_map_example.py --model artifacts/model`):
 #
+# ::: {.content-hidden when-format="gfm"}
 # ![A cat, a dog, a dog beside a photo of flowers, and a kangaroo, each with the heat of the answer: on the animal's face and body; on the kangaroo, the evidence for "neither"](images/heat_maps.jpg)
+# :::
+#
+# ::: {.content-visible when-format="gfm"}
+# ![A cat, a dog, a dog beside a photo of flowers, and a kangaroo, each with the heat of the answer: on the animal's face and body; on the kangaroo, the evidence for "neither"](nbs/images/heat_maps.jpg)
+# :::
 #
 # The colour runs from clear (nothing speaks for the answer) through purple and orange to pale
 # yellow (the strongest cell). A heat map is 9x9 cells of 32 pixels at 288 px, covers only the
@@ -175,7 +184,11 @@
 # `Retry-After` at once rather than queueing without end (`--max-queue`, `--request-timeout-s`),
 # cuts uploads slower than `--body-timeout-s` (408), and counts clients that hang up under 499.
 # `Dockerfile` (the lean `catsdogs[serve]` install, no PyTorch) and `deploy/kubernetes.yaml` run
-# it in a container and scale it out.
+# it in a container and scale it out. `python scripts/container.py --model-dir artifacts/model`
+# builds the image with the model baked in, starts it, asks `/health`, `/ready` and `/predict`
+# with a real photo on 127.0.0.1, checks that it runs as a non-root user, and prints the image's
+# size. Where `python:3.11-slim` cannot be pulled (no route to a registry), it builds a stand-in
+# with the same contract from Debian's packages (mmdebstrap) and tags it with that name locally.
 
 # %% [markdown]
 # ## Working on the notebooks
@@ -189,11 +202,23 @@
 # ```
 #
 # which syncs each pair (the newer side wins), strips notebook noise (`nbdev_clean`), exports
-# the package (`nbdev_export`) and regenerates this README from `nbs/index.ipynb`. Commit the
-# notebooks, their scripts and `catsdogs/` together; never edit `catsdogs/*.py` by hand.
+# the package (`nbdev_export`) and renders this README from `nbs/index.ipynb` (`nbdev_readme`,
+# which needs Quarto). Commit the notebooks, their scripts and `catsdogs/` together; never edit
+# `catsdogs/*.py` or `README.md` by hand.
 #
-# The docs site is rendered by nbdev with Quarto from `nbs/` (`nbs/_quarto.yml`): run
-# `nbdev_docs` (or `nbdev_preview`) where Quarto is installed.
+# The docs site is rendered by nbdev with Quarto from `nbs/` (`nbs/_quarto.yml`) into `_docs/`:
+#
+# ```sh
+# bash scripts/docs.sh
+# ```
+#
+# renders the site and this README, fails on any warning of nbdev or Quarto, then checks every
+# page in a browser (`scripts/check_site.py`): no path of the machine that rendered it, no
+# progress bar, warning or library log line in an output, nothing cut off at the right edge,
+# every figure loaded, every page in the sidebar. Without Quarto it runs every step short of the
+# render. `nbdev_preview` serves the site while you edit. On GitHub, `.github/workflows/test.yaml`
+# runs the test command above and `deploy.yaml` publishes the site to GitHub Pages, as nbdev
+# projects do.
 
 # %% [markdown]
 # ## Benchmarks

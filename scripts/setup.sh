@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 need_apt=()
 
-command -v chromium >/dev/null || need_apt+=(chromium)
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || command -v chromium >/dev/null || need_apt+=(chromium)  # CHROMIUM: another browser binary
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then

@@ -9,27 +9,35 @@ cd "$(dirname "$0")/.."
 # PYTHONFAULTHANDLER: a process that crashes prints its Python stack.
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE PYTHONFAULTHANDLER=1
 
-echo "== 1/5 notebook pairs (.ipynb <-> percent .py) in sync, README from nbs/index.ipynb"
+echo "== 1/6 notebook pairs (.ipynb <-> percent .py) in sync"
 python scripts/check_pairs.py
-python scripts/make_readme.py --check
 
-echo "== 2/5 package is what nbdev_export makes from the notebooks"
-snapshot() { git status --porcelain -- catsdogs nbs; git --no-pager diff -- catsdogs nbs | sha256sum; }
-before=$(snapshot)  # compared with itself, so uncommitted work that is already in sync passes
+echo "== 2/6 package is what nbdev_export makes from the notebooks"
+snapshot() { git status --porcelain -- "$@"; git --no-pager diff -- "$@" | sha256sum; }
+before=$(snapshot catsdogs nbs)  # compared with itself, so uncommitted work that is already in sync passes
 nbdev_clean
 nbdev_export
-if [ "$(snapshot)" != "$before" ]; then
+if [ "$(snapshot catsdogs nbs)" != "$before" ]; then
   git status --porcelain -- catsdogs nbs
   echo "FAIL: nbdev_clean/nbdev_export changed the files above: run scripts/sync_notebooks.sh and commit the result" >&2
   exit 1
 fi
 
-echo "== 3/5 every notebook runs top to bottom, each in a fresh process (nbdev_test per notebook)"
+echo "== 3/6 every notebook runs top to bottom, each in a fresh process (nbdev_test per notebook)"
 python scripts/test_notebooks.py
 
-echo "== 4/5 docs: every exported symbol documented with an example and its output, the sidebar complete, then every step short of the Quarto render"
+echo "== 4/6 docs: every exported symbol documented with an example and its output; the site rendered and checked page by page; README.md is nbdev_readme's"
 python scripts/check_docs.py
+before=$(snapshot README.md)
 bash scripts/docs.sh
+if [ "$(snapshot README.md)" != "$before" ]; then
+  git --no-pager diff --stat -- README.md
+  echo "FAIL: README.md is not what nbdev_readme makes of nbs/index.ipynb: run scripts/sync_notebooks.sh and commit it" >&2
+  exit 1
+fi
 
-echo "== 5/5 tests (the slow ones, marked \`slow\`, run in benchmarks/slow_tests.sh)"
+echo "== 5/6 deployment files: GitHub workflows (actionlint), Kubernetes manifest (its schemas)"
+bash scripts/lint_deploy.sh
+
+echo "== 6/6 tests (the slow ones, marked \`slow\`, run in benchmarks/slow_tests.sh; the container test runs where podman or docker is)"
 python -m pytest tests "$@"

