@@ -217,8 +217,10 @@
 # progress bar, warning or library log line in an output, nothing cut off at the right edge,
 # every figure loaded, every page in the sidebar. Without Quarto it runs every step short of the
 # render. `nbdev_preview` serves the site while you edit. On GitHub, `.github/workflows/test.yaml`
-# runs the test command above and `deploy.yaml` publishes the site to GitHub Pages, as nbdev
-# projects do.
+# runs the test command above, and `deploy.yaml` renders the site with `scripts/docs.sh` and
+# publishes it to GitHub Pages through GitHub Actions (set the repository's Pages source to
+# "GitHub Actions"). `scripts/lint_deploy.sh` checks both workflows with actionlint and the
+# Kubernetes manifest against the Kubernetes schemas.
 
 # %% [markdown]
 # ## Benchmarks

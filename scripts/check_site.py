@@ -26,10 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine_folders() -> list[str]:
-    "Absolute folders whose paths say which machine rendered the site: home, temp, Python's prefixes, the checkout's parent."
-    folders = {Path.home(), Path(tempfile.gettempdir()), Path(sys.prefix), Path(sys.base_prefix), ROOT.parent,
-               Path(sysconfig.get_paths()["purelib"])}
-    return sorted({str(f.resolve()) for f in folders if len(f.resolve().parts) > 1}, key=len, reverse=True)
+    """Absolute folders whose paths say which machine rendered the site: home, temp, the checkout's parent, the
+    virtual environment and site-packages (not a system prefix such as /usr, which a page may name on purpose)."""
+    folders = {Path.home(), Path(tempfile.gettempdir()), ROOT.parent, Path(sysconfig.get_paths()["purelib"])}
+    if sys.prefix != sys.base_prefix: folders.add(Path(sys.prefix))
+    system = {Path(d) for d in ("/", "/usr", "/usr/local", "/opt", "/srv", "/var", "/etc", "/bin", "/lib")}
+    return sorted({str(f.resolve()) for f in folders if f.resolve() not in system}, key=len, reverse=True)
 
 
 def page_problems(text: str, folders: list[str]) -> list[str]:
@@ -37,7 +39,7 @@ def page_problems(text: str, folders: list[str]) -> list[str]:
     found = []
     patterns = [("machine path", re.compile("|".join(re.escape(f) + r"(?=/|\b)" for f in folders) + r"|[\w.-]*/site-packages/")),
                 ("machine path", re.compile(r"(?<![\w.:/])/(?:tmp|home|root|Users|private/var|var/folders)/\S")),
-                ("progress bar", re.compile(r"\d+%\|[^|\n]*\||\bit/s\]|\bs/it\]|Downloading artifacts")),
+                ("progress bar", re.compile(r"\d+%\|[^|\n]*\||[\d?] ?(?:it|s|[kMG]?B)/(?:s|it)\]|Downloading artifacts")),
                 ("warning", re.compile(r"\b\w*Warning: |^WARN(?:ING)?\b", re.M)),
                 ("log line", re.compile(r"^\d{4}[/-]\d\d[/-]\d\d[ T]\d\d:\d\d:\d\d\S* +(?:INFO|WARNING|DEBUG|ERROR)\b", re.M))]
     for n, line in enumerate(text.splitlines(), 1):
@@ -91,6 +93,10 @@ def serve(site: Path) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
+def stop(server: ThreadingHTTPServer) -> None:
+    server.shutdown(); server.server_close()
+
+
 def launch_browser(playwright):
     "Headless Chromium (Debian's /usr/bin/chromium when present), with no network traffic of its own."
     exe = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -104,7 +110,10 @@ def layout_problems(site: Path, browser=None, width: int = 1280, height: int = 9
     if browser is None:
         from playwright.sync_api import sync_playwright
         with sync_playwright() as pw:
-            browser = launch_browser(pw)
+            try: browser = launch_browser(pw)
+            except Exception as e:  # no browser binary
+                raise SystemExit(f"check_site: cannot start a browser ({str(e).splitlines()[0]}): install Chromium "
+                                 "(scripts/setup.sh does) or name a browser binary in CHROMIUM")
             try: return layout_problems(site, browser, width, height)
             finally: browser.close()
     pages = sorted(p.name for p in site.glob("*.html") if p.name != "404.html")
@@ -120,7 +129,7 @@ def layout_problems(site: Path, browser=None, width: int = 1280, height: int = 9
                               + ([f"sidebar lacks {', '.join(missing)}"] if missing else []))
     finally:
         tab.close()
-        server.shutdown()
+        stop(server)
     return {name: found for name, found in problems.items() if found}
 
 

@@ -27,16 +27,27 @@ BASE_IMAGE = "docker.io/library/python:3.11-slim"  # what `FROM python:3.11-slim
 CONTAINER_PORT = 8000  # the Dockerfile's EXPOSE and CATSDOGS_PORT
 
 
-def engine() -> str:
-    "The container engine: `CONTAINER_ENGINE`, else podman, else docker; None when neither is installed."
-    chosen = os.environ.get("CONTAINER_ENGINE") or next((e for e in ("podman", "docker") if shutil.which(e)), None)
-    return chosen if chosen and shutil.which(chosen) else None
+class BaseImageUnavailable(RuntimeError):
+    "The Dockerfile's base image is not here, cannot be pulled, and no stand-in can be built."
+
+
+def engine() -> str | None:
+    "The container engine that answers `info`: `CONTAINER_ENGINE`, else podman, else docker; None when none does."
+    candidates = [os.environ["CONTAINER_ENGINE"]] if os.environ.get("CONTAINER_ENGINE") else ["podman", "docker"]
+    for name in candidates:
+        if shutil.which(name):
+            try:
+                if run(name, "info", check=False, timeout=60).returncode == 0: return name
+            except subprocess.TimeoutExpired: pass
+    return None
 
 
 def _env(name: str) -> dict:
-    "The environment for `name`: podman with no default ulimits (a sandbox may not raise them), unless configured."
+    """The environment for `name`. Podman on a machine without a containers.conf of its own gets one with no default
+    ulimits (a sandbox may not be allowed to set them); a machine's own configuration is left alone."""
     env = dict(os.environ)
-    if name == "podman" and "CONTAINERS_CONF" not in env:
+    own = [Path("/etc/containers/containers.conf"), Path.home() / ".config" / "containers" / "containers.conf"]
+    if name == "podman" and "CONTAINERS_CONF" not in env and not any(p.exists() for p in own):
         conf = ROOT / "build" / "containers.conf"
         conf.parent.mkdir(exist_ok=True)
         conf.write_text("[containers]\ndefault_ulimits = []\n")
@@ -57,7 +68,7 @@ def image_exists(name: str, image: str) -> bool:
 def stand_in_base(name: str, image: str = BASE_IMAGE) -> None:
     """Build `image` from Debian bookworm's packages (Python 3.11 in a venv on PATH, so `pip install` works as in the
     official image) and import it under that name. The machine's CA bundle goes in, so pip trusts what the host trusts."""
-    if not shutil.which("mmdebstrap"): sys.exit(f"container: {image} is not present, cannot be pulled, and mmdebstrap is missing")
+    if not shutil.which("mmdebstrap"): raise BaseImageUnavailable(f"{image} is not present, cannot be pulled, and mmdebstrap is missing")
     with tempfile.TemporaryDirectory() as tmp:
         rootfs = Path(tmp) / "base.tar"
         subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
@@ -72,13 +83,16 @@ def stand_in_base(name: str, image: str = BASE_IMAGE) -> None:
 
 
 def ensure_base(name: str) -> str:
-    "Make sure the Dockerfile's base image is present: already here, pulled, or the stand-in built. Says which."
-    if image_exists(name, BASE_IMAGE): return "present"
+    "Make sure the Dockerfile's base image is here: pulled (the real one wins over a stand-in), already here, or the stand-in built. Says which."
     try:
         if run(name, "pull", BASE_IMAGE, check=False, timeout=120).returncode == 0: return "pulled"
     except subprocess.TimeoutExpired: pass
-    stand_in_base(name)
-    return "stand-in built with mmdebstrap"
+    if image_exists(name, BASE_IMAGE):
+        labels = run(name, "image", "inspect", "--format", "{{json .Config.Labels}}", BASE_IMAGE).stdout
+        return "the stand-in, already built (no registry)" if "org.catsdogs.stand-in" in labels else "present (no registry)"
+    try: stand_in_base(name)
+    except subprocess.CalledProcessError as e: raise BaseImageUnavailable(f"mmdebstrap failed ({e.returncode}): no Debian mirror?") from e
+    return "stand-in built with mmdebstrap (no registry)"
 
 
 def build(name: str, model_dir: Path, tag: str) -> None:
@@ -86,8 +100,8 @@ def build(name: str, model_dir: Path, tag: str) -> None:
     context_model = ROOT / "artifacts" / f".container-model-{uuid.uuid4().hex[:8]}"
     shutil.copytree(model_dir, context_model, ignore=shutil.ignore_patterns("checkpoints"))
     try:
-        fmt = ["--format", "docker"] if name == "podman" else []  # podman's OCI format drops HEALTHCHECK
-        run(name, "build", *fmt, "--pull=never", "--network", "host", "-t", tag,
+        podman = ["--format", "docker", "--pull=never"] if name == "podman" else []  # OCI format drops HEALTHCHECK; base made above
+        run(name, "build", *podman, "--network", "host", "-t", tag,
             "--build-arg", f"MODEL_DIR={context_model.relative_to(ROOT)}", str(ROOT), capture=False)
     finally:
         shutil.rmtree(context_model, ignore_errors=True)
@@ -115,9 +129,9 @@ def check(name: str, tag: str, photo: Path, timeout: float = 180) -> dict:
     """Start `tag` with its port published on 127.0.0.1, wait until `/ready`, and ask `/health`, `/ready` and
     `/predict` with `photo`; returns what they answered, the container's user and the image's size."""
     container, port = f"catsdogs-check-{uuid.uuid4().hex[:8]}", free_port()
-    run(name, "run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{CONTAINER_PORT}", tag)
     base = f"http://127.0.0.1:{port}"
     try:
+        run(name, "run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{CONTAINER_PORT}", tag)
         deadline = time.monotonic() + timeout
         while True:
             state = run(name, "inspect", "--format", "{{.State.Running}}", container).stdout.strip()
@@ -141,14 +155,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="localhost/catsdogs:check")
     args = parser.parse_args(argv)
     name = engine()
-    if name is None: parser.exit(2, "container: neither podman nor docker is installed\n")
+    if name is None: parser.exit(2, "container: no container engine answers (podman or docker, installed and running)\n")
     if not (args.model_dir / "model_config.json").exists(): parser.exit(2, f"container: {args.model_dir} is not a model artifact\n")
     photo = args.photo
     if photo is None:
         sys.path.insert(0, str(ROOT))
         from catsdogs.presets import demo_data_dir
         photo = sorted((demo_data_dir() / "Cat").glob("cat.*.jpg"))[0]
-    print(f"container: {name}; base image {BASE_IMAGE}: {ensure_base(name)}")
+    try: print(f"container: {name}; base image {BASE_IMAGE}: {ensure_base(name)}")
+    except BaseImageUnavailable as e: parser.exit(2, f"container: {e}\n")
     started = time.monotonic()
     build(name, args.model_dir, args.tag)
     built = time.monotonic() - started

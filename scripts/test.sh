@@ -30,7 +30,9 @@ echo "== 4/6 docs: every exported symbol documented with an example and its outp
 python scripts/check_docs.py
 before=$(snapshot README.md)
 bash scripts/docs.sh
-if [ "$(snapshot README.md)" != "$before" ]; then
+if ! command -v quarto >/dev/null; then
+  echo "docs: README.md not checked against nbs/index.ipynb (nbdev_readme needs Quarto)"
+elif [ "$(snapshot README.md)" != "$before" ]; then
   git --no-pager diff --stat -- README.md
   echo "FAIL: README.md is not what nbdev_readme makes of nbs/index.ipynb: run scripts/sync_notebooks.sh and commit it" >&2
   exit 1
