@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.container,
               pytest.mark.skipif(container.engine() is None, reason="no container engine (podman or docker) installed")]
 
 
-def test_image_serves_the_model_as_a_non_root_user(open_set_model, unseen_pets):
+def test_image_serves_the_model_as_a_non_root_user(open_set_model, unseen_pets, capsys):
     name, tag, photo = container.engine(), "localhost/catsdogs:test", unseen_pets["cat"][0]
     try: container.ensure_base(name)
     except container.BaseImageUnavailable as e: pytest.skip(str(e))
@@ -26,7 +26,7 @@ def test_image_serves_the_model_as_a_non_root_user(open_set_model, unseen_pets):
         result = container.check(name, tag, photo)
     finally:
         container.run(name, "rmi", "-f", tag, check=False)
-    print(f"image {tag}: {result['image_bytes'] / 1e6:.0f} MB")
+    with capsys.disabled(): print(f"\ncontainer image {tag}: {result['image_bytes'] / 1e6:.0f} MB", end=" ")  # in the CI log
 
     assert result["health"] == (200, {"status": "ok"})
     status, ready = result["ready"]
