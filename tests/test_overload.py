@@ -144,7 +144,8 @@ def test_a_client_that_goes_away_while_queued_is_skipped(effnet, jpegs, caplog):
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             busy = [pool.submit(c.post, "/predict", content=jpegs[i % len(jpegs)], headers={"content-type": "image/jpeg"})
                     for i in range(24)]
-            time.sleep(0.3)
+            with httpx.Client(base_url=base, timeout=60) as watcher:  # sent together, the 24 are queued once two have run
+                while metric_value(watcher.get("/metrics").text, "catsdogs_inference_batch_size_count") < 2: time.sleep(0.005)
             s = connect(base); s.sendall(post_raw(base, jpegs[0]) + jpegs[0]); time.sleep(0.05); s.close()
             codes = [f.result().status_code for f in busy]
         time.sleep(0.3)
