@@ -38,13 +38,13 @@ class DataSettings(_Section):
     data_dir: Path | None = Field(None, description="Local image folder (class subfolders or Kaggle-style names); unset: download PetImages")
     dataset_url: str = Field(PETIMAGES_URL, description="URL of the PetImages zip")
     dataset_sha256: str | None = Field(None, description="Expected sha256 of the zip; unset: record it, check only the size")
-    cache_dir: Path = Field(Path.home()/".cache"/"catsdogs", description="Where downloads (the dataset, registry models) and their extraction live")
+    cache_dir: Path = Field(Path.home()/".cache"/"catsdogs", description="Where downloads (the dataset, registry models), their extraction and training's pixel cache live")
     prepared_dir: Path = Field(Path("artifacts/data"), description="Where `catsdogs_prepare` writes manifest.csv and skipped.csv")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for validation")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class for the test split")
     seed: int = Field(42, description="Seed for splits, initialisation and augmentation")
     near_duplicate_distance: int = Field(4, ge=0, le=16, description="Max perceptual-hash Hamming distance for near duplicates")
-    num_workers: int = Field(0, ge=0, description="Worker processes; 0: automatic (preparation: one per core; loading: up to 8 on CUDA, none on CPU)")
+    num_workers: int = Field(0, ge=0, description="Worker processes; 0: automatic (preparation and the pixel cache: one per core; loading: up to 8 on CUDA, none on CPU)")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Larger images are refused as decompression bombs")
 
 class ModelSettings(_Section):
@@ -70,6 +70,7 @@ class TrainingSettings(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the training loss")
     warmup_epochs: float = Field(0.3, ge=0, description="Linear warm-up of each stage, in epochs")
     patience: int = Field(3, ge=1, description="Early stopping: epochs without a better validation loss")
+    pixel_cache: bool = Field(True, description="Decode and resize every photo once into an uncompressed cache under cache_dir (about 415 KB a photo at 288 px) that every epoch reads; --no-pixel-cache: decode each epoch")
     freeze_bn: bool = Field(True, description="Keep BatchNorm statistics fixed while fine-tuning (stable with small batches)")
     device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`")
     open_set_keep_rate: float = Field(0.99, gt=0, le=1, description="Share of validation cats and dogs the 'neither' threshold keeps")

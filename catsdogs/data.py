@@ -5,12 +5,15 @@
 # %% ../nbs/01_data.ipynb #6abc86a9
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -20,19 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import imagehash
+import numpy as np
 import pandas as pd
 import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
 from .config import DataSettings, Settings, parse_settings, settings_parser
-from .presets import (CLASS_NAMES, ImageError, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
+from .presets import (CLASS_NAMES, ImageError, Preset, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
                               make_demo_folder, to_rgb)
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'find_images', 'inspect_image', 'inspect_images', 'duplicate_groups', 'split_of', 'build_manifest',
-           'PreparedData', 'write_prepared', 'load_prepared', 'download', 'extract_zip', 'resolve_data_dir', 'prepare',
-           'prepare_cli', 'ImageDataset']
+__all__ = ['MANIFEST_COLUMNS', 'PIXEL_CACHE_FORMAT', 'find_images', 'inspect_image', 'inspect_images', 'duplicate_groups',
+           'split_of', 'build_manifest', 'PreparedData', 'write_prepared', 'load_prepared', 'download', 'extract_zip',
+           'resolve_data_dir', 'prepare', 'prepare_cli', 'pixel_cache_folder', 'build_pixel_cache', 'ResizedPhotos',
+           'ImageDataset', 'BatchAugment', 'batch_normalize', 'DeviceLoader']
 
 # %% ../nbs/01_data.ipynb #b0517bd7
 def find_images(root:Path, # Folder to scan recursively
@@ -280,15 +285,168 @@ def prepare_cli(argv:list[str]|None=None):
     if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
 
 # %% ../nbs/01_data.ipynb #e318a246
+PIXEL_CACHE_FORMAT = 1  # part of the cache's key: a change to how photos are resized or stored starts a new cache
+
+def _resized_pixels(job:tuple[Path, Preset]) -> np.ndarray:
+    "One photo decoded and resized by `preset.resize`, as `(H, W, 3)` uint8 (a worker's job)."
+    path, preset = job
+    return np.asarray(preset.resize(preset.load(path)))
+
+def pixel_cache_folder(cache_dir:Path, prepared:PreparedData, preset:Preset) -> Path:
+    "Where the pixel cache of `prepared`'s photos for `preset` lives under `cache_dir`: keyed by the photos' paths and contents, so another split of the same photos shares it."
+    photos = hashlib.sha256("".join(f"{p}\t{h}\n" for p, h in zip(prepared.manifest.path, prepared.manifest.sha256)).encode())
+    return Path(cache_dir)/"pixels"/f"{photos.hexdigest()[:16]}-{preset.resize_size}px-v{PIXEL_CACHE_FORMAT}"
+
+def _process_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass  # someone else's process
+    return True
+
+def build_pixel_cache(prepared:PreparedData, preset:Preset, cache_dir:Path, workers:int=0, # Processes; 0: one per core
+                      progress:bool=True) -> Path:
+    "Decode and resize every photo of `prepared` once, into `pixels.u8` and `index.json` in its cache folder; returns the folder (built only if missing)."
+    folder = pixel_cache_folder(cache_dir, prepared, preset)
+    if (folder/"index.json").exists(): return folder
+    for unfinished in folder.parent.glob(f"{folder.name}.building-*"):  # left by a build that was killed
+        if not _process_alive(int(unfinished.name.rsplit("-", 1)[1])): shutil.rmtree(unfinished, ignore_errors=True)
+    building = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True); building.mkdir(parents=True)
+    paths = prepared.manifest.path.tolist()
+    jobs = [(prepared.root/p, preset) for p in paths]
+    workers = workers or os.cpu_count() or 1
+    offsets, shapes, offset = [], [], 0
+    # workers start from a fresh forkserver process: this one may hold thread pools that a forked child inherits broken
+    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    with open(building/"pixels.u8", "wb") as out, contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) >= 64:
+            results = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map(_resized_pixels, jobs, chunksize=16)
+        else: results = map(_resized_pixels, jobs)
+        for pixels in tqdm(results, total=len(jobs), desc="pixel cache", disable=not progress):
+            out.write(pixels.tobytes())
+            offsets.append(offset); shapes.append(pixels.shape[:2]); offset += pixels.nbytes
+    index = {"version": prepared.version, "resize_size": preset.resize_size, "paths": paths, "offsets": offsets, "shapes": shapes}
+    (building/"index.json").write_text(json.dumps(index))
+    try: building.rename(folder)
+    except OSError: shutil.rmtree(building)  # another process finished the same cache first
+    return folder
+
+# %% ../nbs/01_data.ipynb #4f6f6b5b
+class ResizedPhotos:
+    "The photos of a prepared dataset resized by `preset.resize`, as `(H, W, 3)` uint8 arrays by relative path: from a pixel cache folder when given, else decoded from `root`."
+    def __init__(self, root:Path, preset:Preset, cache:Path|None=None):
+        self.root, self.preset, self.cache = Path(root), preset, cache
+        self._index, self._pixels = None, None
+
+    def __getstate__(self): return {**self.__dict__, "_index": None, "_pixels": None}  # each worker maps the file itself
+
+    def __getitem__(self, rel_path:str) -> np.ndarray:
+        if self.cache is None: return np.array(self.preset.resize(self.preset.load(self.root/rel_path)))
+        if self._index is None:
+            index = json.loads((self.cache/"index.json").read_text())
+            self._index = {p: (o, h, w) for p, o, (h, w) in zip(index["paths"], index["offsets"], index["shapes"])}
+            self._pixels = np.memmap(self.cache/"pixels.u8", np.uint8, "c")  # copy-on-write: writable, never written back
+        offset, h, w = self._index[rel_path]
+        return self._pixels[offset:offset + h * w * 3].reshape(h, w, 3)
+
+# %% ../nbs/01_data.ipynb #4ac12d0d
 class ImageDataset(torch.utils.data.Dataset):
-    "Rows of a manifest as `(tensor, class index)` pairs, loaded with `load_image` and `transform`."
-    def __init__(self, rows:pd.DataFrame, root:Path, transform, class_names:tuple[str, ...]=CLASS_NAMES,
-                 draft_size:int|None=None):
-        self.paths = [Path(root)/p for p in rows.path]
-        self.targets = [class_names.index(label) for label in rows.label]
-        self.transform, self.draft_size = transform, draft_size
+    "Rows of a manifest as `(uint8 tensor (3, image_size, image_size), class index)`: each photo resized, then cropped at random (`train`) or in the centre."
+    def __init__(self, rows:pd.DataFrame, photos:ResizedPhotos, train:bool=False):
+        self.rel_paths, self.photos, self.train = rows.path.tolist(), photos, train
+        self.paths = [photos.root/p for p in self.rel_paths]
+        self.targets = [CLASS_NAMES.index(label) for label in rows.label]
+        self.crop = photos.preset.train_crop() if train else None
 
     def __len__(self): return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i], self.draft_size)), self.targets[i]
+        pixels = self.photos[self.rel_paths[i]]
+        if self.train: x = self.crop(torch.from_numpy(pixels).permute(2, 0, 1))
+        else: x = torch.from_numpy(np.ascontiguousarray(self.photos.preset.centre_crop(pixels))).permute(2, 0, 1)
+        return x.contiguous(), self.targets[i]
+
+# %% ../nbs/01_data.ipynb #7780ff4a
+_GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights, also the Y row of YIQ
+_RGB_TO_YIQ = ((0.2989, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+class BatchAugment(torch.nn.Module):
+    "Training augmentation of a batch of cropped uint8 images `(N, 3, S, S)` on their device, each image with its own draws; returns normalised float32."
+    def __init__(self, preset:Preset, degrees:float=10.0, brightness:float=0.2, contrast:float=0.2, saturation:float=0.2,
+                 hue:float=0.02, erase_p:float=0.25, erase_scale:tuple=(0.02, 0.15), erase_ratio:tuple=(0.3, 3.3)):
+        super().__init__()
+        from torchvision.transforms import v2 as T
+        self.degrees, self.jitter, self.hue = degrees, (brightness, contrast, saturation), hue
+        self.erase_p, self.erase_scale, self.erase_ratio = erase_p, erase_scale, erase_ratio
+        self.to_float, self.normalize = T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)
+
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        return self.erase(self.normalize(self.colour(self.flip_and_rotate(self.to_float(x)))))
+
+    def flip_and_rotate(self, x:torch.Tensor) -> torch.Tensor:
+        "Mirror each image with probability 1/2 and turn it by up to `degrees` either way, in one `grid_sample`."
+        n, device = len(x), x.device
+        angle = torch.deg2rad(torch.empty(n, device=device).uniform_(-self.degrees, self.degrees))
+        mirror = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n, device=device)
+        theta = torch.stack([torch.stack([mirror * cos, -mirror * sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    def colour(self, x:torch.Tensor) -> torch.Tensor:
+        "Brightness, contrast, saturation and hue, in a random order per image, as one colour matrix and offset per image."
+        n, device = len(x), x.device
+        eye, grey = torch.eye(3, device=device), torch.tensor(_GREY, device=device)
+        b, c, s = (1 + (2 * torch.rand(n, 3, device=device) - 1) * torch.tensor(self.jitter, device=device)).unbind(1)
+        turn = 2 * torch.pi * self.hue * (2 * torch.rand(n, device=device) - 1)
+        yiq = torch.tensor(_RGB_TO_YIQ, device=device)
+        rotation = eye.repeat(n, 1, 1)
+        rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = turn.cos(), turn.sin(), -turn.sin(), turn.cos()
+        hue = torch.linalg.inv(yiq) @ rotation @ yiq
+        saturation = s[:, None, None] * eye + (1 - s)[:, None, None] * grey.expand(3, 3)  # blend with the grey image
+        matrix, offset, channel_mean = eye.repeat(n, 1, 1), torch.zeros(n, 3, device=device), x.mean((2, 3))
+        for step in torch.rand(n, 4, device=device).argsort(1).T:  # each image's k-th operation
+            mean_grey = ((matrix @ channel_mean[:, :, None])[:, :, 0] + offset) @ grey  # of the image so far, for contrast
+            candidates = [(b[:, None, None] * matrix, b[:, None] * offset),
+                          (c[:, None, None] * matrix, c[:, None] * offset + ((1 - c) * mean_grey)[:, None]),
+                          (saturation @ matrix, (saturation @ offset[:, :, None])[:, :, 0]),
+                          (hue @ matrix, (hue @ offset[:, :, None])[:, :, 0])]
+            matrix = sum(torch.where((step == k)[:, None, None], m, 0) for k, (m, _) in enumerate(candidates))
+            offset = sum(torch.where((step == k)[:, None], o, 0) for k, (_, o) in enumerate(candidates))
+        return (torch.einsum("nij,njhw->nihw", matrix, x) + offset[:, :, None, None]).clamp_(0, 1)
+
+    def erase(self, x:torch.Tensor) -> torch.Tensor:
+        "Set a random rectangle to 0 in each image chosen with probability `erase_p`."
+        n, _, h, w = x.shape
+        device = x.device
+        area = torch.empty(n, device=device).uniform_(*self.erase_scale) * h * w
+        ratio = torch.empty(n, device=device).uniform_(math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1])).exp()
+        eh, ew = (area * ratio).sqrt().round().clamp(1, h - 1), (area / ratio).sqrt().round().clamp(1, w - 1)
+        top, left = (torch.rand(n, device=device) * (h - eh + 1)).floor(), (torch.rand(n, device=device) * (w - ew + 1)).floor()
+        rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+        inside_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+        inside_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+        chosen = torch.rand(n, device=device) < self.erase_p
+        mask = (inside_rows[:, :, None] & inside_cols[:, None, :] & chosen[:, None, None])[:, None]
+        return x.masked_fill(mask, 0.0)
+
+def batch_normalize(preset:Preset) -> torch.nn.Module:
+    "The evaluation counterpart of `BatchAugment`: uint8 batches to float32 normalised by `preset`, with torchvision `transforms.v2`."
+    from torchvision.transforms import v2 as T
+    return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
+
+# %% ../nbs/01_data.ipynb #80abdb93
+class DeviceLoader:
+    "The batches of a `DataLoader` of uint8 images on `device`, put through `transform` there (`BatchAugment` or `batch_normalize`), channels-last."
+    def __init__(self, loader:torch.utils.data.DataLoader, device:torch.device, transform:torch.nn.Module):
+        self.loader, self.device, self.transform = loader, torch.device(device), transform.to(device)
+
+    @property
+    def dataset(self): return self.loader.dataset
+
+    def __len__(self): return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            with torch.no_grad(): x = self.transform(x.to(self.device, non_blocking=True))
+            yield x.contiguous(memory_format=torch.channels_last), y.to(self.device, non_blocking=True)

@@ -23,9 +23,9 @@ from .presets import ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
 __all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'softmax', 'default_threads',
-           'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch', 'choose_backend',
-           'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'maps_only_nodes', 'quantize_int8',
-           'measure_int8', 'quantize_artifact']
+           'openvino_core', 'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch',
+           'choose_backend', 'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'maps_only_nodes',
+           'quantize_int8', 'measure_int8', 'quantize_artifact']
 
 # %% ../nbs/03a_engines.ipynb #c075a21e
 logger = logging.getLogger("catsdogs.engines")
@@ -48,11 +48,16 @@ def default_threads(threads:int=0) -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+@functools.cache
+def openvino_core():
+    "The process's one OpenVINO `Core`, kept until the process ends (see below for why)."
+    import openvino as ov
+    return ov.Core()
+
 @functools.cache  # the CPU does not change: ask once per process
 def openvino_precisions() -> tuple[str, ...]:
     "What OpenVINO's CPU plugin computes in on this machine: `f32`, and `bf16` where the CPU has bf16 units (AMX, AVX-512 BF16)."
-    import openvino as ov
-    return ("f32", "bf16") if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ("f32",)
+    return ("f32", "bf16") if "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ("f32",)
 
 def _numpy_outputs(out) -> tuple:
     "A graph's output(s) as a tuple of NumPy arrays."
@@ -96,11 +101,10 @@ def _onnx_runner(path:Path, threads:int) -> Callable:
 
 def _openvino_runner(path:Path, threads:int, precision:str) -> Callable:
     "OpenVINO on an ONNX graph: one stream of `threads` unpinned threads, computing in `precision` (int8: as the graph's QDQ nodes say)."
-    import openvino as ov
     if precision == "bf16" and precision not in openvino_precisions():
         raise ValueError(f"OpenVINO has no {precision} on this CPU (it offers {', '.join(openvino_precisions())})")
     hint = "bf16" if precision == "bf16" else "f32"  # int8 layers run in int8 whatever the hint; the rest stays f32
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
+    compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
                                                            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False})
     request, lock = compiled.create_infer_request(), threading.Lock()
     def run(x):

@@ -19,8 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['CLASS_NAMES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'make_demo_folder', 'shared_sample', 'demo_data_dir', 'sample_photos',
-           'label_of', 'list_images', 'ImageError', 'to_rgb', 'load_image', 'OpenSetConfig', 'ModelConfig', 'Preset',
-           'EvalTransform']
+           'label_of', 'list_images', 'ImageError', 'to_rgb', 'load_image', 'OpenSetConfig', 'ModelConfig', 'Preset']
 
 # %% ../nbs/00a_presets.ipynb #f2017b40
 def make_demo_folder(dest:Path, # Folder to create (class subfolders go inside)
@@ -228,10 +227,20 @@ class Preset:
         resized = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
         return resized, int(round((resized[0] - self.image_size) / 2.0)), int(round((resized[1] - self.image_size) / 2.0))
 
+    def resize(self, img:Image.Image) -> Image.Image:
+        "Resize the shorter side to `resize_size` (Pillow's antialiased bilinear): the first step of `eval_crop`."
+        size, _, _ = self._resized(img.size)
+        return img if size == img.size else img.resize(size, Image.Resampling.BILINEAR)
+
+    def centre_crop(self, pixels:np.ndarray) -> np.ndarray:
+        "The centre `image_size` square of `(H, W, C)` pixels that `resize` gave: the second step of `eval_crop`, as a view."
+        _, left, top = self._resized((pixels.shape[1], pixels.shape[0]))
+        return pixels[top:top + self.image_size, left:left + self.image_size]
+
     def eval_crop(self, img:Image.Image) -> Image.Image:
         "Resize the shorter side to `resize_size` (antialiased bilinear), then centre-crop `image_size`."
-        size, left, top = self._resized(img.size)
-        if size != img.size: img = img.resize(size, Image.Resampling.BILINEAR)
+        img = self.resize(img)
+        _, left, top = self._resized(img.size)
         return img.crop((left, top, left + self.image_size, top + self.image_size))
 
     def eval_box(self, size:tuple[int, int]) -> tuple[float, float, float, float]:
@@ -253,24 +262,7 @@ class Preset:
         "The model inputs of several images (files, bytes or decoded images), stacked `(N, 3, image_size, image_size)`; `ImageError` on a bad one."
         return np.stack([self.eval_array(s if isinstance(s, Image.Image) else self.load(s)) for s in sources])
 
-    def eval_transform(self) -> EvalTransform:
-        "`eval_array` as a PyTorch transform (an image to a tensor), for data loaders."
-        return EvalTransform(self)
-
-    def train_transform(self):
-        "Training augmentation with torchvision `transforms.v2`, ending in the same normalisation."
-        import torch
+    def train_crop(self):
+        "The first step of training's augmentation, per image: torchvision's random resized crop (70-100% of the area) to `image_size`, on a `(3, H, W)` uint8 tensor."
         from torchvision.transforms import v2 as T
-        return T.Compose([T.RandomResizedCrop(self.image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                          T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.02),
-                          T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std),
-                          T.RandomErasing(p=0.25, scale=(0.02, 0.15))])
-
-
-@dataclass(frozen=True)
-class EvalTransform:
-    "A `Preset`'s eval path as a picklable transform from an RGB image to a float32 tensor."
-    preset: Preset
-    def __call__(self, img:Image.Image):
-        import torch
-        return torch.from_numpy(self.preset.eval_array(img))
+        return T.RandomResizedCrop(self.image_size, scale=(0.7, 1.0), antialias=True)

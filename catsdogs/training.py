@@ -26,18 +26,19 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from .config import DataSettings, ModelSettings, Settings, TrainingSettings, parse_settings, settings_parser
-from .data import ImageDataset, PreparedData, load_prepared, prepare
+from .data import (BatchAugment, DeviceLoader, ImageDataset, PreparedData, ResizedPhotos, batch_normalize,
+                           build_pixel_cache, load_prepared, prepare)
 from .metrics import classification_metrics, save_figures
 from .model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
 from .engines import quantize_artifact
 from .presets import CLASS_NAMES, ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
-__all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'preset_of', 'epoch_seed', 'make_loader', 'warmup_cosine',
-           'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature', 'TrainState',
-           'Tracker', 'TrainResult', 'TrainingRun', 'train', 'start_run', 'prepare_data', 'split_rows',
-           'build_run_model', 'open_tracker', 'Stage', 'start_stage', 'run_epoch', 'end_epoch', 'fit_stages',
-           'split_features', 'test_metrics', 'finish', 'train_cli']
+__all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'preset_of', 'epoch_seed', 'make_loader', 'open_photos',
+           'warmup_cosine', 'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature',
+           'TrainState', 'Tracker', 'TrainResult', 'TrainingRun', 'train', 'start_run', 'prepare_data', 'split_rows',
+           'run_photos', 'build_run_model', 'open_tracker', 'Stage', 'start_stage', 'run_epoch', 'end_epoch',
+           'fit_stages', 'split_features', 'test_metrics', 'finish', 'train_cli']
 
 # %% ../nbs/04_training.ipynb #90e829af
 def resolve_device(name:str="auto") -> torch.device:
@@ -71,10 +72,10 @@ def epoch_seed(seed:int, epoch:int) -> int:
     "The seed of one epoch: from the run's seed and the epoch number alone, so a resumed run repeats it."
     return seed * 1000 + epoch
 
-def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
-                train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:
-    "A loader over manifest rows: shuffled and sharded across processes for training, in order otherwise."
-    ds = ImageDataset(rows, root, transform, CLASS_NAMES, draft_size=preset_of(settings).resize_size)
+def make_loader(rows:pd.DataFrame, photos:ResizedPhotos, settings:Settings, device:torch.device,
+                train:bool=False, epoch:int=0, world_size:int=1) -> DeviceLoader:
+    "Batches of manifest rows on `device`: augmented, shuffled and sharded across processes for training; normalised and in order otherwise."
+    ds = ImageDataset(rows, photos, train=train)
     generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
     sampler = None
     if train and world_size > 1:
@@ -85,9 +86,16 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
     # Workers start from a fresh forkserver process, never by forking this one: after inference or an earlier training
     # run, this process holds OpenMP/TBB thread pools that a forked child would inherit in an undefined state.
     context = "forkserver" if workers and "forkserver" in multiprocessing.get_all_start_methods() else None
-    return DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
-                      drop_last=train and per_process > settings.batch_size, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False, multiprocessing_context=context)
+    loader = DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
+                        drop_last=train and per_process > settings.batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False, multiprocessing_context=context)
+    return DeviceLoader(loader, device, BatchAugment(photos.preset) if train else batch_normalize(photos.preset))
+
+def open_photos(settings:Settings, prepared:PreparedData, cache:bool=True, progress:bool=True) -> ResizedPhotos:
+    "The photos of `prepared` resized for the model: from its pixel cache under `cache_dir` (built the first time) when `cache` and `settings.pixel_cache`, else decoded each time."
+    preset = preset_of(settings)
+    if not (cache and settings.pixel_cache): return ResizedPhotos(prepared.root, preset)
+    return ResizedPhotos(prepared.root, preset, build_pixel_cache(prepared, preset, settings.cache_dir, settings.num_workers, progress))
 
 # %% ../nbs/04_training.ipynb #8f969cb5
 def warmup_cosine(optimizer:torch.optim.Optimizer, total_steps:int, warmup_steps:int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -300,13 +308,14 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
     run = start_run(settings or Settings(), quick, resume)
     prepared = prepared or prepare_data(run, progress)
     rows = split_rows(run, prepared, quick)
+    photos = run_photos(run, prepared, quick, progress)
     model = build_run_model(run)
     tracker = open_tracker(run, prepared, mlflow and run.main, quick)
-    outcome = fit_stages(run, model, rows, prepared.root, tracker, progress, stop_after_epochs)
+    outcome = fit_stages(run, model, rows, photos, tracker, progress, stop_after_epochs)
     if outcome == "interrupted": tracker.end("KILLED"); return None
     model.load_state_dict(run.state.best_state)
     if run.world_size > 1: _check_replicas(run, model)
-    result = finish(run, model, prepared, rows, tracker, outcome == "early_stop", progress) if run.main else None
+    result = finish(run, model, prepared, photos, rows, tracker, outcome == "early_stop", progress) if run.main else None
     if run.world_size > 1: dist.barrier(); dist.destroy_process_group()
     return result
 
@@ -344,6 +353,12 @@ def split_rows(run:TrainingRun, prepared:PreparedData, quick:bool=False) -> dict
     for s, r in rows.items():
         if r.empty: raise ValueError(f"the {s} split is empty: more images are needed")
     return rows
+
+def run_photos(run:TrainingRun, prepared:PreparedData, quick:bool=False, progress:bool=True) -> ResizedPhotos:
+    "The run's photos: the main process builds the pixel cache (not for `quick` runs, which read a few photos), then every process opens it."
+    if run.main: photos = open_photos(run.settings, prepared, cache=not quick, progress=progress)
+    run.barrier()
+    return photos if run.main else open_photos(run.settings, prepared, cache=not quick, progress=False)
 
 def build_run_model(run:TrainingRun) -> CatsDogsNet:
     "The model on the run's device: pretrained weights for a fresh run, the saved ones when resuming."
@@ -397,7 +412,7 @@ def start_stage(run:TrainingRun, model:CatsDogsNet, frozen:bool, n_train:int, fi
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     return Stage(frozen, optimizer, scheduler, wrapped)
 
-def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:dict, root:Path, criterion:nn.Module,
+def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:dict, photos:ResizedPhotos, criterion:nn.Module,
               val_loader:DataLoader, features:dict|None=None, progress:bool=True) -> dict:
     "Train one epoch (on cached features when given) and evaluate on val; returns the epoch's record."
     s, device = run.settings, run.device
@@ -411,8 +426,7 @@ def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:d
         val = evaluate(model.head, DataLoader(features["val"], 256), device)
         n_seen = len(features["train"])
     else:
-        loader = make_loader(rows["train"], root, preset_of(s).train_transform(), s, device,
-                             train=True, epoch=epoch, world_size=run.world_size)
+        loader = make_loader(rows["train"], photos, s, device, train=True, epoch=epoch, world_size=run.world_size)
         train_loss = train_one_epoch(stage.model, loader, criterion, stage.optimizer, stage.scheduler, device, desc, progress,
                                      freeze_bn=stage.frozen or s.freeze_bn)
         if run.world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
@@ -436,15 +450,15 @@ def end_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, record:dict, trac
     run.state.optimizer, run.state.scheduler = stage.optimizer.state_dict(), stage.scheduler.state_dict()
     run.state.save(run.checkpoint)
 
-def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker:Tracker, progress:bool=True,
+def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, photos:ResizedPhotos, tracker:Tracker, progress:bool=True,
                stop_after_epochs:int|None=None) -> str:
     "Run the epochs from the state's to `epochs`; returns `completed`, `early_stop` or `interrupted` (by `stop_after_epochs`)."
     s, device = run.settings, run.device
     criterion = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
-    val_loader = make_loader(rows["val"], root, preset_of(s).eval_transform(), s, device)
+    val_loader = make_loader(rows["val"], photos, s, device)
     features = None
     if device.type == "cpu" and run.world_size == 1 and s.freeze_epochs > run.state.epoch:  # the frozen stage on cached features
-        train_loader = make_loader(rows["train"], root, preset_of(s).eval_transform(), s, device)
+        train_loader = make_loader(rows["train"], photos, s, device)
         features = {"train": extract_features(model.backbone, train_loader, device, progress),
                     "val": extract_features(model.backbone, val_loader, device, progress)}
     stage = None
@@ -452,7 +466,7 @@ def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker
         frozen = epoch < s.freeze_epochs
         if stage is None or stage.frozen != frozen:
             stage = start_stage(run, model, frozen, len(rows["train"]), first=stage is None)
-        record = run_epoch(run, model, stage, epoch, rows, root, criterion, val_loader, features, progress)
+        record = run_epoch(run, model, stage, epoch, rows, photos, criterion, val_loader, features, progress)
         end_epoch(run, model, stage, record, tracker)
         run.barrier()
         if run.state.bad_epochs >= s.patience and not frozen:  # the frozen stage always hands over to fine-tuning
@@ -483,16 +497,15 @@ def _check_replicas(run:TrainingRun, model:nn.Module):
         (run.model_dir/"ddp_check.json").write_text(json.dumps({"world_size": run.world_size, "param_checksums": sums,
                                                                "agree": len(set(sums)) == 1}))
 
-def split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
+def split_features(model:CatsDogsNet, rows:dict, photos:ResizedPhotos, settings:Settings, device:torch.device,
                    progress:bool=True) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
     "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
-    tf_eval = preset_of(settings).eval_transform()
     out = {}
     for split in ("train", "val", "test"):
         split_rows = rows[split]
         if split == "train" and len(split_rows) > settings.open_set_bank_size:
             split_rows = split_rows.sample(settings.open_set_bank_size, random_state=settings.seed).sort_index()
-        loader = make_loader(split_rows, root, tf_eval, settings, device)
+        loader = make_loader(split_rows, photos, settings, device)
         out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), loader.dataset.paths)
     return out
 
@@ -530,11 +543,11 @@ def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Te
     run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.settings.mlflow_tracking_uri}
     (out/"mlflow_run.json").write_text(json.dumps(run_record) + "\n")
 
-def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict, tracker:Tracker, stopped_early:bool=False,
-           progress:bool=True) -> TrainResult:
+def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:ResizedPhotos, rows:dict, tracker:Tracker,
+           stopped_early:bool=False, progress:bool=True) -> TrainResult:
     "Calibrate, evaluate and fit the open-set head on the best weights, draw the figures, export the artifact and log it."
     s, out = run.settings, run.model_dir
-    features = split_features(model, rows, prepared.root, s, run.device, progress)
+    features = split_features(model, rows, photos, s, run.device, progress)
     model = model.cpu().eval()
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
     test_targets, test_paths = features["test"][1].numpy(), features["test"][2]

@@ -36,8 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
-import pickle, subprocess, sys
-import torch  # the examples compare with torchvision; the module itself never imports either
+import subprocess, sys
+import torch  # the examples compare with torchvision; importing the module loads neither
 from torchvision.transforms import v2 as T
 
 
@@ -337,10 +337,12 @@ config
 # come from the model's `ModelConfig` (`from_config`), which the artifact stores, so a model
 # is always served with the preprocessing it was trained with.
 #
-# `eval_array` is the only implementation of that path; `eval_transform` wraps it for
-# PyTorch data loaders, and a test checks it pixel for pixel against torchvision's
-# `Resize`/`CenterCrop`/`Normalize`. `train_transform` is the augmentation: random resized
-# crop, flip, small rotation, colour jitter, random erasing.
+# `eval_array` is the only implementation of that path, and a test checks it pixel for pixel
+# against torchvision's `Resize`/`CenterCrop`/`Normalize`. It is two steps, `resize` and
+# `centre_crop`, so training can keep the first one's output in its pixel cache (the data
+# notebook) and crop from there. `train_crop` is where training's augmentation starts: a
+# random resized crop of that same resized photo; the rest of it runs on whole batches on the
+# training device (`BatchAugment`, in the data notebook).
 
 # %%
 #| export
@@ -376,10 +378,20 @@ class Preset:
         resized = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
         return resized, int(round((resized[0] - self.image_size) / 2.0)), int(round((resized[1] - self.image_size) / 2.0))
 
+    def resize(self, img:Image.Image) -> Image.Image:
+        "Resize the shorter side to `resize_size` (Pillow's antialiased bilinear): the first step of `eval_crop`."
+        size, _, _ = self._resized(img.size)
+        return img if size == img.size else img.resize(size, Image.Resampling.BILINEAR)
+
+    def centre_crop(self, pixels:np.ndarray) -> np.ndarray:
+        "The centre `image_size` square of `(H, W, C)` pixels that `resize` gave: the second step of `eval_crop`, as a view."
+        _, left, top = self._resized((pixels.shape[1], pixels.shape[0]))
+        return pixels[top:top + self.image_size, left:left + self.image_size]
+
     def eval_crop(self, img:Image.Image) -> Image.Image:
         "Resize the shorter side to `resize_size` (antialiased bilinear), then centre-crop `image_size`."
-        size, left, top = self._resized(img.size)
-        if size != img.size: img = img.resize(size, Image.Resampling.BILINEAR)
+        img = self.resize(img)
+        _, left, top = self._resized(img.size)
         return img.crop((left, top, left + self.image_size, top + self.image_size))
 
     def eval_box(self, size:tuple[int, int]) -> tuple[float, float, float, float]:
@@ -401,27 +413,10 @@ class Preset:
         "The model inputs of several images (files, bytes or decoded images), stacked `(N, 3, image_size, image_size)`; `ImageError` on a bad one."
         return np.stack([self.eval_array(s if isinstance(s, Image.Image) else self.load(s)) for s in sources])
 
-    def eval_transform(self) -> EvalTransform:
-        "`eval_array` as a PyTorch transform (an image to a tensor), for data loaders."
-        return EvalTransform(self)
-
-    def train_transform(self):
-        "Training augmentation with torchvision `transforms.v2`, ending in the same normalisation."
-        import torch
+    def train_crop(self):
+        "The first step of training's augmentation, per image: torchvision's random resized crop (70-100% of the area) to `image_size`, on a `(3, H, W)` uint8 tensor."
         from torchvision.transforms import v2 as T
-        return T.Compose([T.RandomResizedCrop(self.image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                          T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.02),
-                          T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std),
-                          T.RandomErasing(p=0.25, scale=(0.02, 0.15))])
-
-
-@dataclass(frozen=True)
-class EvalTransform:
-    "A `Preset`'s eval path as a picklable transform from an RGB image to a float32 tensor."
-    preset: Preset
-    def __call__(self, img:Image.Image):
-        import torch
-        return torch.from_numpy(self.preset.eval_array(img))
+        return T.RandomResizedCrop(self.image_size, scale=(0.7, 1.0), antialias=True)
 
 
 # %%
@@ -431,6 +426,7 @@ x = preset.eval_array(img)
 test_eq((preset.resize_size, x.shape, x.dtype), (329, (3, 288, 288), np.float32))
 test_eq(preset.mean, (0.498,) * 3)
 test_eq(min(preset.eval_crop(img).size), 288)
+test_eq(preset.centre_crop(np.asarray(preset.resize(img))), np.asarray(preset.eval_crop(img)))  # the two steps
 preset, img.size, x.shape, float(x.mean())
 
 # %% [markdown]
@@ -454,18 +450,26 @@ test_fail(lambda: preset.stack([b"not an image"]), contains="not an image")
 batch.shape
 
 # %% [markdown]
-# The eval path is the same one torchvision writes (the reference the training code used
-# before it), to within float32 rounding:
+# The eval path computes what torchvision's `Resize`, `CenterCrop` and `Normalize` compute, to
+# within float32 rounding:
 
 # %%
 reference = T.Compose([T.Resize(preset.resize_size, antialias=True), T.CenterCrop(preset.image_size),
                        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
 difference = float(np.abs(reference(img).numpy() - x).max())
 assert difference < 1e-5, difference
-test_eq(tuple(preset.train_transform()(img).shape), (3, 288, 288))
-test_eq(preset.eval_transform()(img).numpy(), x)
-test_eq(pickle.loads(pickle.dumps(preset.eval_transform())), EvalTransform(preset))
 difference
+
+# %% [markdown]
+# Training crops from the same resized photo that the eval path centre-crops, at random:
+
+# %%
+resized = torch.from_numpy(np.array(preset.resize(img))).permute(2, 0, 1)  # (3, H, W) uint8, shorter side 329
+torch.manual_seed(0)
+crops = [preset.train_crop()(resized) for _ in range(2)]
+test_eq([tuple(c.shape) for c in crops], [(3, 288, 288)] * 2)
+assert not torch.equal(*crops), "two draws, two crops"
+tuple(resized.shape), crops[0].dtype
 
 # %% [markdown]
 # Serving imports this module without PyTorch: nothing above loads it at import time.

@@ -18,7 +18,7 @@ from matplotlib_inline.backend_inline import set_matplotlib_formats
 import torch
 
 from catsdogs.config import Settings
-from catsdogs.data import build_manifest, demo_data_dir, find_images
+from catsdogs.data import BatchAugment, build_manifest, demo_data_dir, find_images
 from catsdogs.presets import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, Preset
 
 # %%
@@ -237,15 +237,18 @@ fig.tight_layout(); plt.show()
 # ## Augmentation
 #
 # One image through the preset's `eval_array` (what validation, testing and the API see) and
-# through its `train_transform` several times (what training sees), seeded so the figure is reproducible.
+# through training's augmentation several times (what training sees: a random crop of the
+# resized photo by `Preset.train_crop`, then the batch on the device through `BatchAugment`),
+# seeded so the figure is reproducible.
 
 # %%
 row = picks.iloc[0]
 img = preset.load(data_dir/row.path)
-evaluate, augment = preset.eval_array, preset.train_transform()
 torch.manual_seed(settings.seed)
-views = [("original", np.asarray(img)), ("eval_array", _denormalise(evaluate(img)))]
-views += [(f"train_transform #{i}", _denormalise(augment(img))) for i in range(1, 7)]
+resized = torch.from_numpy(np.array(preset.resize(img))).permute(2, 0, 1)
+augmented = BatchAugment(preset)(torch.stack([preset.train_crop()(resized) for _ in range(6)]))
+views = [("original", np.asarray(img)), ("eval_array", _denormalise(preset.eval_array(img)))]
+views += [(f"training #{i}", _denormalise(x)) for i, x in enumerate(augmented, 1)]
 test_eq(views[1][1].shape, (settings.image_size, settings.image_size, 3))
 fig, axs = plt.subplots(2, 4, figsize=(9, 4.9))
 for ax, (title, pixels) in zip(axs.flat, views): _show(ax, pixels, title)

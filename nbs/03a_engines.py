@@ -109,11 +109,16 @@ def default_threads(threads:int=0) -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+@functools.cache
+def openvino_core():
+    "The process's one OpenVINO `Core`, kept until the process ends (see below for why)."
+    import openvino as ov
+    return ov.Core()
+
 @functools.cache  # the CPU does not change: ask once per process
 def openvino_precisions() -> tuple[str, ...]:
     "What OpenVINO's CPU plugin computes in on this machine: `f32`, and `bf16` where the CPU has bf16 units (AMX, AVX-512 BF16)."
-    import openvino as ov
-    return ("f32", "bf16") if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ("f32",)
+    return ("f32", "bf16") if "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ("f32",)
 
 def _numpy_outputs(out) -> tuple:
     "A graph's output(s) as a tuple of NumPy arrays."
@@ -157,11 +162,10 @@ def _onnx_runner(path:Path, threads:int) -> Callable:
 
 def _openvino_runner(path:Path, threads:int, precision:str) -> Callable:
     "OpenVINO on an ONNX graph: one stream of `threads` unpinned threads, computing in `precision` (int8: as the graph's QDQ nodes say)."
-    import openvino as ov
     if precision == "bf16" and precision not in openvino_precisions():
         raise ValueError(f"OpenVINO has no {precision} on this CPU (it offers {', '.join(openvino_precisions())})")
     hint = "bf16" if precision == "bf16" else "f32"  # int8 layers run in int8 whatever the hint; the rest stays f32
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
+    compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
                                                            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False})
     request, lock = compiled.create_infer_request(), threading.Lock()
     def run(x):
@@ -203,7 +207,21 @@ def make_runner(backend:str, # One of `BACKENDS`
 # comparison allows 1e-3 relative to the outputs' size, the same `atol` as the agreement rule
 # below (the differences seen are about 1e-4 on logits of size 3).
 
+# %% [markdown]
+# Every OpenVINO engine of a process compiles with `openvino_core`, one `Core` that lives as
+# long as the process. OpenVINO's CPU plugin, when a `Core` loads it, gives the calling thread
+# a larger alternate signal stack (signal frames on CPUs with AMX tiles outgrow the usual
+# one), and when the `Core` is released it unmaps that stack, putting the previous one back
+# only if it is released on the same thread and in the reverse order of creation. With a
+# `Core` per engine neither holds: `auto` builds several engines and keeps one, and Python's
+# garbage collector may release an engine on any thread. The thread that compiled would be
+# left with an unmapped signal stack, and the next signal with a handler (Python installs its
+# handlers to run on that stack) would kill the process with SIGSEGV, before even
+# `faulthandler` could say where. `tests/test_engines.py` builds and drops engines in that order, across threads, then
+# raises a signal, in a process of its own.
+
 # %%
+test_eq(openvino_core() is openvino_core(), True)
 test_eq(default_threads(3), 3)
 test_eq((engine_file("onnx"), engine_file("openvino", "int8"), engine_file("eager")), ("model.onnx", "model.int8.onnx", "weights.pt"))
 default_threads(), openvino_precisions()

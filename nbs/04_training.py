@@ -9,12 +9,15 @@
 # %% [markdown]
 # `catsdogs_train` runs, in order:
 #
-# 1. **data**: an existing prepared manifest (`--prepared DIR`) or `catsdogs_prepare` on `--data-dir`;
+# 1. **data**: an existing prepared manifest (`--prepared DIR`) or `catsdogs_prepare` on `--data-dir`,
+#    and the pixel cache of its photos, decoded and resized once for the model (`--no-pixel-cache`:
+#    decode them every epoch);
 # 2. **frozen stage** (`--freeze-epochs`): the head alone on a frozen backbone. On a CPU the
 #    backbone features are computed once and the head trains on them, which costs one pass
 #    over the data instead of one per epoch;
 # 3. **fine-tuning**: the whole network, the backbone at `--backbone-lr`; AdamW, cosine schedule
-#    with warm-up, label smoothing, augmentation; on CUDA with AMP, `channels_last` and pinned memory;
+#    with warm-up, label smoothing, augmentation (a random crop per photo in the loader, the rest on
+#    whole batches on the training device); on CUDA with AMP, `channels_last` and pinned memory;
 # 4. **early stopping** of fine-tuning on validation loss, keeping the best weights of either
 #    stage, with a checkpoint every
 #    epoch so `--resume` ends exactly where an uninterrupted run would;
@@ -59,7 +62,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from catsdogs.config import DataSettings, ModelSettings, Settings, TrainingSettings, parse_settings, settings_parser
-from catsdogs.data import ImageDataset, PreparedData, load_prepared, prepare
+from catsdogs.data import (BatchAugment, DeviceLoader, ImageDataset, PreparedData, ResizedPhotos, batch_normalize,
+                           build_pixel_cache, load_prepared, prepare)
 from catsdogs.metrics import classification_metrics, save_figures
 from catsdogs.model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
 from catsdogs.engines import quantize_artifact
@@ -120,8 +124,11 @@ seed_everything(7); test_eq(torch.rand(2), draw)
 # %% [markdown]
 # ## Data loaders
 #
-# Each epoch reseeds from `seed` and the epoch number alone, so shuffling, augmentation and
-# dropout of epoch *k* are the same whether or not the run was interrupted before it.
+# A loader reads the photos resized for the model (from the pixel cache, see the data
+# notebook), crops them in its workers and hands uint8 batches to the training device, where
+# `BatchAugment` (training) or `batch_normalize` (evaluation) finishes them. Each epoch
+# reseeds from `seed` and the epoch number alone, so shuffling, augmentation and dropout of
+# epoch *k* are the same whether or not the run was interrupted before it.
 
 # %%
 #| export
@@ -133,10 +140,10 @@ def epoch_seed(seed:int, epoch:int) -> int:
     "The seed of one epoch: from the run's seed and the epoch number alone, so a resumed run repeats it."
     return seed * 1000 + epoch
 
-def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, device:torch.device,
-                train:bool=False, epoch:int=0, world_size:int=1) -> DataLoader:
-    "A loader over manifest rows: shuffled and sharded across processes for training, in order otherwise."
-    ds = ImageDataset(rows, root, transform, CLASS_NAMES, draft_size=preset_of(settings).resize_size)
+def make_loader(rows:pd.DataFrame, photos:ResizedPhotos, settings:Settings, device:torch.device,
+                train:bool=False, epoch:int=0, world_size:int=1) -> DeviceLoader:
+    "Batches of manifest rows on `device`: augmented, shuffled and sharded across processes for training; normalised and in order otherwise."
+    ds = ImageDataset(rows, photos, train=train)
     generator = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch))
     sampler = None
     if train and world_size > 1:
@@ -147,24 +154,33 @@ def make_loader(rows:pd.DataFrame, root:Path, transform, settings:Settings, devi
     # Workers start from a fresh forkserver process, never by forking this one: after inference or an earlier training
     # run, this process holds OpenMP/TBB thread pools that a forked child would inherit in an undefined state.
     context = "forkserver" if workers and "forkserver" in multiprocessing.get_all_start_methods() else None
-    return DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
-                      drop_last=train and per_process > settings.batch_size, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False, multiprocessing_context=context)
+    loader = DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
+                        drop_last=train and per_process > settings.batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False, multiprocessing_context=context)
+    return DeviceLoader(loader, device, BatchAugment(photos.preset) if train else batch_normalize(photos.preset))
+
+def open_photos(settings:Settings, prepared:PreparedData, cache:bool=True, progress:bool=True) -> ResizedPhotos:
+    "The photos of `prepared` resized for the model: from its pixel cache under `cache_dir` (built the first time) when `cache` and `settings.pixel_cache`, else decoded each time."
+    preset = preset_of(settings)
+    if not (cache and settings.pixel_cache): return ResizedPhotos(prepared.root, preset)
+    return ResizedPhotos(prepared.root, preset, build_pixel_cache(prepared, preset, settings.cache_dir, settings.num_workers, progress))
 
 
 # %% [markdown]
 # The examples of this notebook train on the sample, prepared once here at a small size:
 
 # %%
-demo_settings = Settings(data_dir=demo_data_dir(), image_size=96, batch_size=8, architecture="small_cnn")
+demo_settings = Settings(data_dir=demo_data_dir(), image_size=96, batch_size=8, architecture="small_cnn",
+                         cache_dir=Path(tempfile.mkdtemp()))
 demo_prepared = prepare(demo_settings, Path(tempfile.mkdtemp())/"data", progress=False)
+demo_photos = open_photos(demo_settings, demo_prepared, progress=False)
+test_eq(demo_photos.preset, preset_of(demo_settings))
 cpu = torch.device("cpu")
 test_eq(epoch_seed(42, 3), 42003)
-preset = preset_of(demo_settings)
-loader = make_loader(demo_prepared.split("val").head(16), demo_prepared.root, preset.eval_transform(), demo_settings, cpu)
+loader = make_loader(demo_prepared.split("val").head(16), demo_photos, demo_settings, cpu)
 x, y = next(iter(loader))
-test_eq((tuple(x.shape), len(loader)), ((8, 3, 96, 96), 2))
-preset, y
+test_eq((tuple(x.shape), x.dtype, len(loader)), ((8, 3, 96, 96), torch.float32, 2))
+demo_photos.preset, demo_photos.cache.name, y
 
 
 # %% [markdown]
@@ -499,13 +515,14 @@ def train(settings:Settings|None=None, # All hyper-parameters and paths
     run = start_run(settings or Settings(), quick, resume)
     prepared = prepared or prepare_data(run, progress)
     rows = split_rows(run, prepared, quick)
+    photos = run_photos(run, prepared, quick, progress)
     model = build_run_model(run)
     tracker = open_tracker(run, prepared, mlflow and run.main, quick)
-    outcome = fit_stages(run, model, rows, prepared.root, tracker, progress, stop_after_epochs)
+    outcome = fit_stages(run, model, rows, photos, tracker, progress, stop_after_epochs)
     if outcome == "interrupted": tracker.end("KILLED"); return None
     model.load_state_dict(run.state.best_state)
     if run.world_size > 1: _check_replicas(run, model)
-    result = finish(run, model, prepared, rows, tracker, outcome == "early_stop", progress) if run.main else None
+    result = finish(run, model, prepared, photos, rows, tracker, outcome == "early_stop", progress) if run.main else None
     if run.world_size > 1: dist.barrier(); dist.destroy_process_group()
     return result
 
@@ -549,6 +566,12 @@ def split_rows(run:TrainingRun, prepared:PreparedData, quick:bool=False) -> dict
         if r.empty: raise ValueError(f"the {s} split is empty: more images are needed")
     return rows
 
+def run_photos(run:TrainingRun, prepared:PreparedData, quick:bool=False, progress:bool=True) -> ResizedPhotos:
+    "The run's photos: the main process builds the pixel cache (not for `quick` runs, which read a few photos), then every process opens it."
+    if run.main: photos = open_photos(run.settings, prepared, cache=not quick, progress=progress)
+    run.barrier()
+    return photos if run.main else open_photos(run.settings, prepared, cache=not quick, progress=False)
+
 def build_run_model(run:TrainingRun) -> CatsDogsNet:
     "The model on the run's device: pretrained weights for a fresh run, the saved ones when resuming."
     s = run.settings
@@ -581,6 +604,7 @@ with tempfile.TemporaryDirectory() as tmp:
     demo_run = start_run(demo_settings.model_copy(update={"model_dir": Path(tmp)/"model", "device": "cpu"}), quick=True)
     test_eq(prepare_data(demo_run, progress=False).version, demo_prepared.version)  # the same photos, the same version
     demo_rows = split_rows(demo_run, demo_prepared, quick=True)
+    test_eq(run_photos(demo_run, demo_prepared, quick=True).cache, None)  # a quick run decodes its few photos
     demo_model = build_run_model(demo_run)
     demo_tracker = open_tracker(demo_run, demo_prepared, enabled=False)
 test_eq((demo_run.main, demo_run.world_size, demo_run.settings.epochs), (True, 1, 2))
@@ -625,7 +649,7 @@ def start_stage(run:TrainingRun, model:CatsDogsNet, frozen:bool, n_train:int, fi
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     return Stage(frozen, optimizer, scheduler, wrapped)
 
-def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:dict, root:Path, criterion:nn.Module,
+def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:dict, photos:ResizedPhotos, criterion:nn.Module,
               val_loader:DataLoader, features:dict|None=None, progress:bool=True) -> dict:
     "Train one epoch (on cached features when given) and evaluate on val; returns the epoch's record."
     s, device = run.settings, run.device
@@ -639,8 +663,7 @@ def run_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, epoch:int, rows:d
         val = evaluate(model.head, DataLoader(features["val"], 256), device)
         n_seen = len(features["train"])
     else:
-        loader = make_loader(rows["train"], root, preset_of(s).train_transform(), s, device,
-                             train=True, epoch=epoch, world_size=run.world_size)
+        loader = make_loader(rows["train"], photos, s, device, train=True, epoch=epoch, world_size=run.world_size)
         train_loss = train_one_epoch(stage.model, loader, criterion, stage.optimizer, stage.scheduler, device, desc, progress,
                                      freeze_bn=stage.frozen or s.freeze_bn)
         if run.world_size > 1: _sync_buffers(model)  # so every process evaluates, and stops early, alike
@@ -664,15 +687,15 @@ def end_epoch(run:TrainingRun, model:CatsDogsNet, stage:Stage, record:dict, trac
     run.state.optimizer, run.state.scheduler = stage.optimizer.state_dict(), stage.scheduler.state_dict()
     run.state.save(run.checkpoint)
 
-def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker:Tracker, progress:bool=True,
+def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, photos:ResizedPhotos, tracker:Tracker, progress:bool=True,
                stop_after_epochs:int|None=None) -> str:
     "Run the epochs from the state's to `epochs`; returns `completed`, `early_stop` or `interrupted` (by `stop_after_epochs`)."
     s, device = run.settings, run.device
     criterion = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
-    val_loader = make_loader(rows["val"], root, preset_of(s).eval_transform(), s, device)
+    val_loader = make_loader(rows["val"], photos, s, device)
     features = None
     if device.type == "cpu" and run.world_size == 1 and s.freeze_epochs > run.state.epoch:  # the frozen stage on cached features
-        train_loader = make_loader(rows["train"], root, preset_of(s).eval_transform(), s, device)
+        train_loader = make_loader(rows["train"], photos, s, device)
         features = {"train": extract_features(model.backbone, train_loader, device, progress),
                     "val": extract_features(model.backbone, val_loader, device, progress)}
     stage = None
@@ -680,7 +703,7 @@ def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, root:Path, tracker
         frozen = epoch < s.freeze_epochs
         if stage is None or stage.frozen != frozen:
             stage = start_stage(run, model, frozen, len(rows["train"]), first=stage is None)
-        record = run_epoch(run, model, stage, epoch, rows, root, criterion, val_loader, features, progress)
+        record = run_epoch(run, model, stage, epoch, rows, photos, criterion, val_loader, features, progress)
         end_epoch(run, model, stage, record, tracker)
         run.barrier()
         if run.state.bad_epochs >= s.patience and not frozen:  # the frozen stage always hands over to fine-tuning
@@ -702,12 +725,12 @@ with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringI
     demo_run.settings.model_dir = Path(tmp)/"model"
     stage = start_stage(demo_run, demo_model, frozen=True, n_train=len(demo_rows["train"]), first=True)
     run_settings = demo_run.settings
-    demo_val = make_loader(demo_rows["val"], demo_prepared.root, preset_of(run_settings).eval_transform(), run_settings, cpu)
-    record = run_epoch(demo_run, demo_model, stage, 0, demo_rows, demo_prepared.root, nn.CrossEntropyLoss(), demo_val,
+    demo_val = make_loader(demo_rows["val"], demo_photos, run_settings, cpu)
+    record = run_epoch(demo_run, demo_model, stage, 0, demo_rows, demo_photos, nn.CrossEntropyLoss(), demo_val,
                        progress=False)
     end_epoch(demo_run, demo_model, stage, record, demo_tracker)
     test_eq(TrainState.load(demo_run.checkpoint).epoch, 1)
-    outcome = fit_stages(demo_run, demo_model, demo_rows, demo_prepared.root, demo_tracker, progress=False)
+    outcome = fit_stages(demo_run, demo_model, demo_rows, demo_photos, demo_tracker, progress=False)
     test_eq(TrainState.load(demo_run.checkpoint).epoch, 2)
 test_eq(isinstance(stage, Stage) and isinstance(demo_run, TrainingRun), True)
 test_eq((outcome, [r["stage"] for r in demo_run.state.history]), ("completed", ["frozen", "finetune"]))
@@ -743,16 +766,15 @@ def _check_replicas(run:TrainingRun, model:nn.Module):
         (run.model_dir/"ddp_check.json").write_text(json.dumps({"world_size": run.world_size, "param_checksums": sums,
                                                                "agree": len(set(sums)) == 1}))
 
-def split_features(model:CatsDogsNet, rows:dict, root:Path, settings:Settings, device:torch.device,
+def split_features(model:CatsDogsNet, rows:dict, photos:ResizedPhotos, settings:Settings, device:torch.device,
                    progress:bool=True) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
     "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
-    tf_eval = preset_of(settings).eval_transform()
     out = {}
     for split in ("train", "val", "test"):
         split_rows = rows[split]
         if split == "train" and len(split_rows) > settings.open_set_bank_size:
             split_rows = split_rows.sample(settings.open_set_bank_size, random_state=settings.seed).sort_index()
-        loader = make_loader(split_rows, root, tf_eval, settings, device)
+        loader = make_loader(split_rows, photos, settings, device)
         out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), loader.dataset.paths)
     return out
 
@@ -790,11 +812,11 @@ def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Te
     run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.settings.mlflow_tracking_uri}
     (out/"mlflow_run.json").write_text(json.dumps(run_record) + "\n")
 
-def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict, tracker:Tracker, stopped_early:bool=False,
-           progress:bool=True) -> TrainResult:
+def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:ResizedPhotos, rows:dict, tracker:Tracker,
+           stopped_early:bool=False, progress:bool=True) -> TrainResult:
     "Calibrate, evaluate and fit the open-set head on the best weights, draw the figures, export the artifact and log it."
     s, out = run.settings, run.model_dir
-    features = split_features(model, rows, prepared.root, s, run.device, progress)
+    features = split_features(model, rows, photos, s, run.device, progress)
     model = model.cpu().eval()
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
     test_targets, test_paths = features["test"][1].numpy(), features["test"][2]
@@ -821,12 +843,12 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, rows:dict,
 
 # %%
 demo_model.load_state_dict(demo_run.state.best_state)
-demo_features = split_features(demo_model, demo_rows, demo_prepared.root, demo_run.settings, cpu, progress=False)
+demo_features = split_features(demo_model, demo_rows, demo_photos, demo_run.settings, cpu, progress=False)
 temperature, open_set, probs, metrics = test_metrics(demo_model.cpu().eval(), demo_features, demo_run.settings)
 test_eq(probs.shape, (len(demo_rows["test"]), 2))
 with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as finish_lines:
     demo_run.settings.model_dir = Path(tmp)/"model"
-    demo_result = finish(demo_run, demo_model, demo_prepared, demo_rows, demo_tracker, progress=False)
+    demo_result = finish(demo_run, demo_model, demo_prepared, demo_photos, demo_rows, demo_tracker, progress=False)
     artifact_files = sorted(p.name for p in demo_result.model_dir.iterdir())
 test_eq(demo_result.config.temperature, temperature)
 print(finish_lines.getvalue()); artifact_files

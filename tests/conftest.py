@@ -12,6 +12,15 @@ SAMPLE = shared_sample()  # ../shared/data/PetImages-mini beside the checkout, o
 NOT_PETS = shared_sample("not-cats-dogs")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    "Downloads and pixel caches of this test run go to a folder of its own (CATSDOGS_CACHE_DIR, which subprocesses inherit)."
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CATSDOGS_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     "The real PetImages-mini sample when present, else a generated folder with the same odd files."

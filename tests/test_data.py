@@ -8,13 +8,19 @@ import subprocess
 import threading
 import zipfile
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from catsdogs.config import Settings
-from catsdogs.data import ImageDataset, build_manifest, download, load_image, prepare, split_of
-from catsdogs.presets import Preset
+from catsdogs.data import (BatchAugment, DeviceLoader, ImageDataset, ResizedPhotos, batch_normalize, build_manifest,
+                           build_pixel_cache, download, load_image, load_prepared, pixel_cache_folder, prepare, split_of)
+from catsdogs.presets import Preset, sample_photos
 
 
 def run_prepare(data_dir, out, *extra):
@@ -120,17 +126,103 @@ def test_decompression_bomb_is_refused_before_decoding():
         load_image(buf.getvalue(), max_pixels=Settings().max_image_pixels)
 
 
-def test_dataset_uses_the_shared_eval_transform(prepared, sample_dir):
+def test_eval_batches_are_what_the_served_preprocessing_computes(prepared, sample_dir, tmp_path):
+    """An evaluation batch from the pixel cache, normalised on the device, equals `Preset.eval_array` (what serving runs)
+    to float32 rounding, photo by photo, odd formats included; so training's validation and test figures are the
+    served model's."""
     out, manifest, _ = prepared
-    rows = manifest[manifest.split == "val"].head(4)
+    data = load_prepared(out)
     preset = Preset(Settings().image_size, Settings().crop_fraction)
-    ds = ImageDataset(rows, sample_dir, preset.eval_transform(), draft_size=preset.resize_size)
-    x, y = ds[0]
-    size = Settings().image_size
-    assert tuple(x.shape) == (3, size, size) and y in (0, 1)
-    direct = preset.eval_array(preset.load(sample_dir / rows.path.iloc[0]))
-    assert (x.numpy() == direct).all()
-    assert tuple(Preset(128, 0.875).train_transform()(load_image(sample_dir / rows.path.iloc[0])).shape) == (3, 128, 128)
+    odd = manifest[(manifest["mode"] != "RGB") | (manifest["format"] != "JPEG")]
+    rows = pd.concat([odd, manifest[manifest.split == "val"].head(12)]).reset_index(drop=True)
+    photos = ResizedPhotos(data.root, preset, build_pixel_cache(data, preset, tmp_path, progress=False))
+    loader = DeviceLoader(DataLoader(ImageDataset(rows, photos), batch_size=8), "cpu", batch_normalize(preset))
+    batches = list(loader)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.tolist() == [("cat", "dog").index(l) for l in rows.label]
+    for got, path in zip(x, rows.path):
+        assert np.abs(got.numpy() - preset.eval_array(preset.load(sample_dir / path))).max() < 1e-5, path
+
+
+def test_pixel_cache_is_built_once_by_worker_processes_and_holds_what_decoding_gives(prepared, tmp_path):
+    out, manifest, _ = prepared
+    data = load_prepared(out)
+    preset = Preset(128, 0.875)
+    killed = tmp_path / "pixels" / f"{pixel_cache_folder(tmp_path, data, preset).name}.building-999999999"  # no such process
+    killed.mkdir(parents=True); (killed / "pixels.u8").write_bytes(b"half")
+    folder = build_pixel_cache(data, preset, tmp_path, workers=2, progress=False)  # a pool of 2 (forkserver) processes
+    assert not killed.exists()
+    stamp = (folder / "pixels.u8").stat().st_mtime_ns
+    assert build_pixel_cache(data, preset, tmp_path, progress=False) == folder
+    assert (folder / "pixels.u8").stat().st_mtime_ns == stamp  # found, not built again
+    assert build_pixel_cache(data, Preset(96, 0.875), tmp_path, workers=1, progress=False) != folder  # another size
+    assert folder.name.endswith("-146px-v1") and sorted(p.name for p in tmp_path.joinpath("pixels").iterdir()) == sorted(
+        p.name for p in tmp_path.joinpath("pixels").iterdir() if ".building" not in p.name)
+    cached, decoded = ResizedPhotos(data.root, preset, folder), ResizedPhotos(data.root, preset)
+    odd = manifest[(manifest["mode"] != "RGB") | (manifest["format"] != "JPEG")].path.tolist()
+    for path in odd + manifest.path.sample(20, random_state=0).tolist():
+        assert np.array_equal(cached[path], decoded[path]), path
+    assert (folder / "pixels.u8").stat().st_size == sum(h * w * 3 for h, w in (cached[p].shape[:2] for p in manifest.path))
+
+
+def test_loader_workers_read_the_cache_as_the_main_process_does(prepared, tmp_path):
+    "ResizedPhotos travels to forkserver workers, each of which maps the file itself: the same centre crops, and random crops that a seed repeats."
+    out, manifest, _ = prepared
+    data = load_prepared(out)
+    preset = Preset(96, 0.875)
+    photos = ResizedPhotos(data.root, preset, build_pixel_cache(data, preset, tmp_path, workers=1, progress=False))
+    rows = manifest[manifest.split == "train"].head(16).reset_index(drop=True)
+    def batches(train, workers, seed=0):
+        loader = DataLoader(ImageDataset(rows, photos, train=train), batch_size=8, num_workers=workers,
+                            generator=torch.Generator().manual_seed(seed), multiprocessing_context="forkserver" if workers else None)
+        return torch.cat([x for x, _ in loader])
+    assert torch.equal(batches(False, 1), batches(False, 0))
+    crops = batches(True, 1)
+    assert crops.dtype == torch.uint8 and crops.shape == (16, 3, 96, 96)
+    assert torch.equal(batches(True, 1), crops) and not torch.equal(batches(True, 1, seed=1), crops)
+
+
+def _images(n=8, size=64):
+    "n real photos, centre-cropped to size, as floats in [0, 1]."
+    preset = Preset(size, 0.875)
+    photos = sample_photos("cat", n // 2) + sample_photos("dog", n - n // 2)
+    return torch.stack([torch.from_numpy(np.array(preset.eval_crop(preset.load(p)))).permute(2, 0, 1) for p in photos]).float() / 255
+
+
+def test_batch_augment_draws_per_image_and_each_step_is_torchvisions():
+    """Each step of `BatchAugment`, alone, against torchvision's transform of that name with the factor it drew:
+    flip and rotation pixel for pixel, brightness, contrast and saturation to rounding, hue (turned in YIQ rather than
+    HSV) by as much and the same way; random erasing on a quarter of the images, 2-15% of their area."""
+    x, preset = _images(), Preset(64, 0.875)
+    neutral = dict(degrees=0, brightness=0, contrast=0, saturation=0, hue=0, erase_p=0)
+
+    torch.manual_seed(3); turned = BatchAugment(preset, **{**neutral, "degrees": 10}).flip_and_rotate(x)
+    torch.manual_seed(3); angle = torch.empty(8).uniform_(-10, 10); mirror = torch.rand(8) < 0.5
+    for i in range(8):
+        expected = TF.rotate(TF.horizontal_flip(x[i]) if mirror[i] else x[i], angle[i].item(), InterpolationMode.NEAREST)
+        assert torch.equal(turned[i], expected)
+    assert 0 < mirror.sum() < 8
+
+    for k, (name, reference) in enumerate([("brightness", TF.adjust_brightness), ("contrast", TF.adjust_contrast),
+                                           ("saturation", TF.adjust_saturation)]):
+        torch.manual_seed(k); out = BatchAugment(preset, **{**neutral, name: 0.4}).colour(x)
+        torch.manual_seed(k); factors = 1 + (2 * torch.rand(8, 3)[:, k] - 1) * 0.4
+        for i in range(8): assert (out[i] - reference(x[i], factors[i].item())).abs().max() < 1e-5, name
+    torch.manual_seed(9); out = BatchAugment(preset, **{**neutral, "hue": 0.02}).colour(x)
+    torch.manual_seed(9); torch.rand(8, 3); hue = 0.02 * (2 * torch.rand(8) - 1)
+    for i in range(8):  # a turn of the same size and sense as torchvision's, about another axis (YIQ's, not HSV's)
+        ours, theirs = (out[i] - x[i]).flatten(), (TF.adjust_hue(x[i], hue[i].item()) - x[i]).flatten()
+        assert 0.6 < ours.norm() / theirs.norm() < 1.4 and torch.nn.functional.cosine_similarity(ours, theirs, 0) > 0.2
+
+    ones = torch.ones(2000, 3, 32, 32)
+    erased = (BatchAugment(Preset(32, 0.875, (0.0,) * 3, (1.0,) * 3), **{**neutral, "erase_p": 0.25}).erase(ones) == 0)[:, 0]
+    share = erased.flatten(1).float().mean(1)
+    assert 0.2 < (share > 0).float().mean() < 0.3
+    assert share[share > 0].min() >= 0.015 and share.max() <= 0.16
+
+    torch.manual_seed(0)
+    augmented = BatchAugment(preset)((x[:1] * 255).to(torch.uint8).expand(8, -1, -1, -1))
+    assert augmented.dtype == torch.float32 and len({round(float(a.mean()), 4) for a in augmented}) == 8
 
 
 # --- download, against a local HTTP server with range support ---------------------------

@@ -105,3 +105,25 @@ def test_asking_for_int8_without_the_int8_model_is_a_one_line_error(floor_model,
     wrong = subprocess.run(["catsdogs_predict", str(test_photos[0][0]), "--model", str(model), "--precision", "int4"],
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "invalid choice: 'int4'" in wrong.stderr
+
+
+RELEASE_ENGINES_THEN_SIGNAL = """
+import gc, os, signal, sys, threading
+from catsdogs.engines import make_runner
+model_dir = sys.argv[1]
+first, second = make_runner("openvino", model_dir), make_runner("openvino", model_dir, precision="int8")  # as `auto` builds them
+del first; gc.collect()  # released first-created first
+releaser = threading.Thread(target=lambda: globals().pop("second")); releaser.start(); releaser.join()  # the other on another thread
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive", flush=True)
+"""
+
+
+def test_openvino_engines_released_in_any_order_on_any_thread_leave_signals_working(floor_model):
+    """OpenVINO's CPU plugin swaps the loading thread's alternate signal stack and unmaps it when released; with a plugin
+    per engine, the release order and thread below leave that thread an unmapped stack, and its next signal kills the
+    process with SIGSEGV. The engines module keeps one `Core` for the process."""
+    result = subprocess.run([sys.executable, "-c", RELEASE_ENGINES_THEN_SIGNAL, str(floor_model)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split() == ["handled", "alive"], (result.returncode, result.stderr[-2000:])
