@@ -56,7 +56,8 @@ def test_auto_picks_the_fastest_matching_backend_and_says_so(effnet, photos, cap
     assert f"engine auto: chose {chosen}" in caplog.text and "check_images" not in caplog.text  # real check photos
     assert "torch" not in predictor.run.__module__
     eager = Predictor(effnet, InferenceSettings(backend="eager"))
-    assert abs(predictor.predict(photos[0]).p_dog - eager.predict(photos[0]).p_dog) < 1e-3
+    tolerance = 1e-3 if predictor.precision == "f32" else 1e-2  # bf16 (chosen on CPUs with bf16 units) keeps 8 bits of mantissa
+    assert abs(predictor.predict(photos[0]).p_dog - eager.predict(photos[0]).p_dog) < tolerance, predictor
 
 
 def test_preprocessing_is_torchvisions_eval_transform_pixel_for_pixel(sample_dir, photos):
