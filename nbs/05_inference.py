@@ -56,7 +56,7 @@ from IPython.display import display
 from nbdev.showdoc import show_doc
 import torch
 from fastcore.test import test_eq, test_fail, test_close
-from catsdogs.engines import BACKENDS, PRECISIONS
+from catsdogs.engines import BACKENDS, PRECISIONS, TOLERANCES
 from catsdogs.presets import demo_data_dir
 from catsdogs.model import demo_artifact
 
@@ -511,8 +511,7 @@ test_eq((type(explained[1]).__name__, explained[2].explanation), ("ImageError", 
 answer, margin = explained[0], _logit(predictor.threshold)
 from_answer = (_logit(answer.confidence) + _logit(answer.p_cat_or_dog) - margin if answer.label != NEITHER
                else margin - _logit(answer.p_cat_or_dog))
-rounding = 1e-3 if predictor.precision == "f32" else 5e-2  # bf16, which `auto` chooses where the CPU has bf16 units, keeps 8 bits
-test_close(np.mean(why.grid), from_answer, eps=rounding * (1 + abs(from_answer)))  # the grid adds up to the answer's margins
+test_close(np.mean(why.grid), from_answer, eps=TOLERANCES[predictor.precision] * (1 + abs(from_answer)))  # the grid adds up to the answer's margins
 why
 
 # %% [markdown]

@@ -12,7 +12,7 @@ import torch
 from torchvision.transforms import v2 as T
 
 from catsdogs.config import InferenceSettings
-from catsdogs.engines import AUTO_BACKENDS, BACKENDS, softmax
+from catsdogs.engines import AUTO_BACKENDS, BACKENDS, TOLERANCES, softmax
 from catsdogs.inference import Prediction, Predictor, predict_cli
 from catsdogs.model import load_model
 from catsdogs.presets import ModelConfig, Preset
@@ -56,8 +56,7 @@ def test_auto_picks_the_fastest_matching_backend_and_says_so(effnet, photos, cap
     assert f"engine auto: chose {chosen}" in caplog.text and "check_images" not in caplog.text  # real check photos
     assert "torch" not in predictor.run.__module__
     eager = Predictor(effnet, InferenceSettings(backend="eager"))
-    tolerance = 1e-3 if predictor.precision == "f32" else 1e-2  # bf16 (chosen on CPUs with bf16 units) keeps 8 bits of mantissa
-    assert abs(predictor.predict(photos[0]).p_dog - eager.predict(photos[0]).p_dog) < tolerance, predictor
+    assert abs(predictor.predict(photos[0]).p_dog - eager.predict(photos[0]).p_dog) < TOLERANCES[predictor.precision], predictor
 
 
 def test_preprocessing_is_torchvisions_eval_transform_pixel_for_pixel(sample_dir, photos):
