@@ -318,13 +318,17 @@ def build_pixel_cache(prepared:PreparedData, preset:Preset, cache_dir:Path, work
     offsets, shapes, offset = [], [], 0
     # workers start from a fresh forkserver process: this one may hold thread pools that a forked child inherits broken
     context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
-    with open(building/"pixels.u8", "wb") as out, contextlib.ExitStack() as stack:
-        if workers > 1 and len(jobs) >= 64:
-            results = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map(_resized_pixels, jobs, chunksize=16)
-        else: results = map(_resized_pixels, jobs)
-        for pixels in tqdm(results, total=len(jobs), desc="pixel cache", disable=not progress):
-            out.write(pixels.tobytes())
-            offsets.append(offset); shapes.append(pixels.shape[:2]); offset += pixels.nbytes
+    try:
+        with open(building/"pixels.u8", "wb") as out, contextlib.ExitStack() as stack:
+            if workers > 1 and len(jobs) >= 64:
+                results = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map(_resized_pixels, jobs, chunksize=16)
+            else: results = map(_resized_pixels, jobs)
+            for pixels in tqdm(results, total=len(jobs), desc="pixel cache", disable=not progress):
+                out.write(pixels.tobytes())
+                offsets.append(offset); shapes.append(pixels.shape[:2]); offset += pixels.nbytes
+    except BaseException:  # a photo gone since preparation, or an interrupt: no half-built cache stays behind
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     index = {"version": prepared.version, "resize_size": preset.resize_size, "paths": paths, "offsets": offsets, "shapes": shapes}
     (building/"index.json").write_text(json.dumps(index))
     try: building.rename(folder)

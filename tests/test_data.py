@@ -165,6 +165,17 @@ def test_pixel_cache_is_built_once_by_worker_processes_and_holds_what_decoding_g
     assert (folder / "pixels.u8").stat().st_size == sum(h * w * 3 for h, w in (cached[p].shape[:2] for p in manifest.path))
 
 
+def test_a_photo_gone_since_preparation_stops_the_cache_build_and_leaves_nothing_behind(prepared, sample_dir, tmp_path):
+    out, manifest, _ = prepared
+    photos = tmp_path / "photos"
+    shutil.copytree(sample_dir, photos)
+    data = load_prepared(out, root=photos)
+    (photos / manifest.path.iloc[70]).unlink()
+    with pytest.raises(FileNotFoundError, match=manifest.path.iloc[70].split("/")[-1]):
+        build_pixel_cache(data, Preset(64, 0.875), tmp_path / "cache", workers=2, progress=False)
+    assert list((tmp_path / "cache" / "pixels").iterdir()) == []
+
+
 def test_loader_workers_read_the_cache_as_the_main_process_does(prepared, tmp_path):
     "ResizedPhotos travels to forkserver workers, each of which maps the file itself: the same centre crops, and random crops that a seed repeats."
     out, manifest, _ = prepared
