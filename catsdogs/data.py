@@ -30,14 +30,15 @@ from PIL import ImageOps
 from tqdm import tqdm
 
 from .config import DataSettings, Settings, parse_settings, settings_parser
-from .presets import (CLASS_NAMES, ImageError, Preset, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
+from .feedback import FeedbackStore
+from .presets import (CLASS_NAMES, NEITHER, ImageError, Preset, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
                               make_demo_folder, to_rgb)
 
 # %% auto #0
 __all__ = ['MANIFEST_COLUMNS', 'PIXEL_CACHE_FORMAT', 'find_images', 'inspect_image', 'inspect_images', 'duplicate_groups',
-           'split_of', 'build_manifest', 'PreparedData', 'write_prepared', 'load_prepared', 'download', 'extract_zip',
-           'resolve_data_dir', 'prepare', 'prepare_cli', 'pixel_cache_folder', 'build_pixel_cache', 'ResizedPhotos',
-           'ImageDataset', 'BatchAugment', 'batch_normalize', 'DeviceLoader']
+           'split_of', 'feedback_files', 'build_manifest', 'PreparedData', 'write_prepared', 'load_prepared',
+           'download', 'extract_zip', 'resolve_data_dir', 'prepare', 'prepare_cli', 'pixel_cache_folder',
+           'build_pixel_cache', 'ResizedPhotos', 'ImageDataset', 'BatchAugment', 'batch_normalize', 'DeviceLoader']
 
 # %% ../nbs/01_data.ipynb #b0517bd7
 def find_images(root:Path, # Folder to scan recursively
@@ -128,18 +129,28 @@ def split_of(group:str, seed:int=42, val_fraction:float=0.1, test_fraction:float
     return "train"
 
 # %% ../nbs/01_data.ipynb #21a7d5a6
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "group", "width", "height", "format", "mode", "bytes", "phash"]
+MANIFEST_COLUMNS = ["path", "label", "split", "origin", "sha256", "group", "width", "height", "format", "mode", "bytes", "phash"]
+
+def feedback_files(feedback_dir:Path) -> pd.DataFrame:
+    "The corrected photos of a feedback store: absolute path, label (cat, dog or neither) and origin, one row per photo (its last correction)."
+    if not (Path(feedback_dir)/"feedback.db").exists(): raise ValueError(f"no feedback store at {feedback_dir} (it has no feedback.db)")
+    store = FeedbackStore(Settings(feedback_dir=feedback_dir))
+    try: corrections = {c["sha256"]: c for c in store.corrections()}  # oldest first: the last correction of a photo wins
+    finally: store.close()
+    return pd.DataFrame({"path": [str(c["path"].resolve()) for c in corrections.values()],
+                         "label": [c["label"] for c in corrections.values()], "origin": "feedback"}, columns=["path", "label", "origin"])
 
 def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Validate, group and split every image under `root`: `(manifest, skipped)`."
+    "Validate, group and split every image under `root`, and the corrections of `feedback_dir` when set: `(manifest, skipped)`."
     settings = settings or Settings()
-    files = find_images(root, CLASS_NAMES)
+    files = find_images(root, CLASS_NAMES).assign(origin="dataset")
     skipped = [(p, "no class folder or class name in the file name") for p in files.path[files.label.isna()]]
     files = files[files.label.notna()]
     if files.empty: raise ValueError(f"no file under {root} is in a class folder ({', '.join(CLASS_NAMES)}) "
                                      f"or has a Kaggle-style name such as {CLASS_NAMES[0]}.1.jpg")
-    facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)
-    facts["label"] = files.label.values
+    if settings.feedback_dir is not None: files = pd.concat([files, feedback_files(settings.feedback_dir)], ignore_index=True)
+    facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)  # absolute paths stay
+    facts["label"], facts["origin"] = files.label.values, files.origin.values
     bad = facts.reason.notna()
     skipped += list(zip(facts.path[bad], facts.reason[bad]))
     good = facts[~bad].copy()
@@ -149,7 +160,9 @@ def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -
     for path, group in zip(good.path[conflicted], good.group[conflicted]):
         skipped.append((path, f"duplicate group {group} has conflicting labels"))
     good = good[~conflicted].copy()
-    good["split"] = [split_of(g, settings.seed, settings.val_fraction, settings.test_fraction) for g in good.group]
+    # a group draws its split by its dataset photos when it has any, so feedback never moves a dataset photo to another split
+    anchors = good[good.origin == "dataset"].groupby("group").sha256.min().str[:16]
+    good["split"] = [split_of(anchors.get(g, g), settings.seed, settings.val_fraction, settings.test_fraction) for g in good.group]
     good[["width", "height", "bytes"]] = good[["width", "height", "bytes"]].astype(int)
     manifest = good[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
     skipped = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
@@ -163,9 +176,15 @@ class PreparedData:
     root: Path
     version: str
 
-    def split(self, name:str) -> pd.DataFrame:
-        "The manifest rows of one split (`train`, `val` or `test`)."
-        return self.manifest[self.manifest.split == name].reset_index(drop=True)
+    def split(self, name:str, # `train`, `val` or `test`
+              labels:tuple[str, ...]=CLASS_NAMES) -> pd.DataFrame: # (NEITHER,): the photos of neither that feedback brought
+        "The manifest rows of one split with one of `labels` (by default the cats and dogs)."
+        return self.manifest[(self.manifest.split == name) & self.manifest.label.isin(labels)].reset_index(drop=True)
+
+    def feedback_counts(self) -> dict[str, int]:
+        "How many photos came from feedback, in all and by label (`feedback_photos`, `feedback_cat`, ...)."
+        feedback = self.manifest[self.manifest.origin == "feedback"]
+        return {"feedback_photos": len(feedback), **{f"feedback_{label}": int((feedback.label == label).sum()) for label in (*CLASS_NAMES, NEITHER)}}
 
 def write_prepared(out:Path, manifest:pd.DataFrame, skipped:pd.DataFrame, root:Path) -> PreparedData:
     "Write `manifest.csv`, `skipped.csv` and `dataset.json` to `out`; returns the `PreparedData`."
@@ -175,16 +194,18 @@ def write_prepared(out:Path, manifest:pd.DataFrame, skipped:pd.DataFrame, root:P
     (out/"skipped.csv").write_bytes(skipped.to_csv(index=False, lineterminator="\n").encode())
     version = hashlib.sha256(manifest_bytes).hexdigest()
     counts = {s: {c: int(n) for c, n in g.label.value_counts().sort_index().items()} for s, g in manifest.groupby("split")}
+    prepared = PreparedData(manifest, Path(root).resolve(), version)
     info = {"version": version, "root": str(Path(root).resolve()), "n_images": len(manifest),
-            "n_skipped": len(skipped), "counts": counts}
+            "n_skipped": len(skipped), "counts": counts, **prepared.feedback_counts()}
     (out/"dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    return PreparedData(manifest, Path(root).resolve(), version)
+    return prepared
 
 def load_prepared(out:Path, root:Path|None=None) -> PreparedData:
     "Read what `write_prepared` wrote; `root` overrides the recorded data folder."
     out = Path(out)
     info = json.loads((out/"dataset.json").read_text())
     manifest = pd.read_csv(out/"manifest.csv", dtype={"phash": str, "group": str, "sha256": str})
+    if "origin" not in manifest: manifest.insert(3, "origin", "dataset")  # written before feedback existed
     return PreparedData(manifest, Path(root or info["root"]), info["version"])
 
 # %% ../nbs/01_data.ipynb #8017d6f2
@@ -270,8 +291,8 @@ def prepare(settings:Settings|None=None, out:Path|None=None, progress:bool=True)
 
 def prepare_cli(argv:list[str]|None=None):
     "Console script `catsdogs_prepare`: write manifest.csv, skipped.csv and dataset.json."
-    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.",
-                             [DataSettings], aliases={"--out": "prepared_dir"})
+    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images (and the corrections of a feedback store) "
+                             "into a versioned manifest.", [DataSettings, "feedback_dir"], aliases={"--out": "prepared_dir"})
     settings, _ = parse_settings(parser, argv)
     out = settings.prepared_dir
     try: prepared = prepare(settings, out, progress=sys.stderr.isatty())  # progress bars on a terminal, not in logs
@@ -279,9 +300,12 @@ def prepare_cli(argv:list[str]|None=None):
         reason = getattr(e, "reason", None) or e
         parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "
                        "pass --data-dir DIR: a folder of photos with one subfolder per class (Cat/, Dog/)\n")
+    except ValueError as e: parser.exit(2, f"catsdogs_prepare: {e}\n")  # no usable image, no feedback store
     skipped = pd.read_csv(Path(out)/"skipped.csv")
     print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")
     print(pd.crosstab(prepared.manifest.label, prepared.manifest.split, margins=True).to_string())
+    if settings.feedback_dir is not None:
+        print("from feedback: " + ", ".join(f"{n} {k.removeprefix('feedback_')}" for k, n in prepared.feedback_counts().items()))
     if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
 
 # %% ../nbs/01_data.ipynb #e318a246
@@ -355,11 +379,11 @@ class ResizedPhotos:
 
 # %% ../nbs/01_data.ipynb #4ac12d0d
 class ImageDataset(torch.utils.data.Dataset):
-    "Rows of a manifest as `(uint8 tensor (3, image_size, image_size), class index)`: each photo resized, then cropped at random (`train`) or in the centre."
+    "Rows of a manifest as `(uint8 tensor (3, image_size, image_size), class index)` (-1 for neither): each photo resized, then cropped at random (`train`) or in the centre."
     def __init__(self, rows:pd.DataFrame, photos:ResizedPhotos, train:bool=False):
         self.rel_paths, self.photos, self.train = rows.path.tolist(), photos, train
         self.paths = [photos.root/p for p in self.rel_paths]
-        self.targets = [CLASS_NAMES.index(label) for label in rows.label]
+        self.targets = [CLASS_NAMES.index(label) if label in CLASS_NAMES else -1 for label in rows.label]  # -1: neither
         self.crop = photos.preset.train_crop() if train else None
 
     def __len__(self): return len(self.paths)

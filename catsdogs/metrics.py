@@ -5,6 +5,9 @@
 # %% ../nbs/00b_metrics.ipynb #155cd8a5
 from __future__ import annotations
 
+import bisect
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +17,8 @@ from PIL import Image
 from .presets import load_image
 
 # %% auto #0
-__all__ = ['reliability', 'expected_calibration_error', 'classification_metrics', 'open_set_metrics', 'training_curves',
+__all__ = ['DRIFT_SIGNALS', 'DRIFT_BINS', 'reliability', 'expected_calibration_error', 'classification_metrics',
+           'open_set_metrics', 'drift_reference', 'population_stability', 'DriftWindow', 'training_curves',
            'reliability_diagram', 'worst_mistakes', 'save_figures', 'open_set_figures']
 
 # %% ../nbs/00b_metrics.ipynb #5845178d
@@ -64,6 +68,60 @@ def open_set_metrics(p_pets:np.ndarray, # p_cat_or_dog of photos of cats and dog
             "ood_refused": float((p_outliers < threshold).mean()),
             "pets_kept": float((p_pets >= threshold).mean()),
             "n_outliers": int(len(p_outliers))}
+
+# %% ../nbs/00b_metrics.ipynb #bcc3b7ca
+DRIFT_SIGNALS = ("confidence", "p_cat_or_dog")
+DRIFT_BINS = 10
+
+def drift_reference(values:dict[str, np.ndarray], # Per signal: its values on the validation split
+                    n_bins:int=DRIFT_BINS) -> dict:
+    "The reference of each signal: inner bin edges at its quantiles, and the share of `values` in each bin."
+    reference = {}
+    for signal, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        edges = np.unique(np.quantile(v, np.linspace(0, 1, n_bins + 1)[1:-1]))  # ties (many answers at 1.0) merge bins
+        counts = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+        reference[signal] = {"edges": [float(e) for e in edges], "shares": [float(c) for c in (counts + 0.5) / (len(v) + 0.5 * len(counts))]}
+    return reference
+
+def population_stability(expected:np.ndarray, # Reference shares per bin
+                         counts:np.ndarray) -> float: # Observed counts per bin
+    "PSI of observed `counts` against `expected` shares, each observed share smoothed by half a count."
+    expected, counts = np.asarray(expected, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    observed = (counts + 0.5) / (counts.sum() + 0.5 * len(counts))
+    return float(((observed - expected) * np.log(observed / expected)).sum())
+
+# %% ../nbs/00b_metrics.ipynb #29067712
+class DriftWindow:
+    "The bins of the last `size` answers of each drift signal, and their PSI against a `drift_reference`."
+    def __init__(self, reference:dict, size:int):
+        self.reference, self.size, self.lock = reference, size, threading.Lock()
+        self.bins = {s: deque() for s in reference}
+        self.counts = {s: np.zeros(len(r["shares"]), dtype=np.int64) for s, r in reference.items()}
+        self.neither = deque()
+
+    def observe(self, values:dict[str, float|None], # Per signal its value for one answer (None: not measured)
+                neither:bool=False): # Whether the answer was "neither"
+        "Add one answer to the window, dropping the oldest once it holds `size`."
+        with self.lock:
+            for signal, value in values.items():
+                if signal not in self.reference or value is None: continue
+                b, window = bisect.bisect_right(self.reference[signal]["edges"], value), self.bins[signal]  # as searchsorted(side="right")
+                window.append(b); self.counts[signal][b] += 1
+                if len(window) > self.size: self.counts[signal][window.popleft()] -= 1
+            self.neither.append(neither)
+            if len(self.neither) > self.size: self.neither.popleft()
+
+    def psi(self, signal:str) -> float:
+        "The signal's PSI over the window; NaN until it holds `size` answers."
+        with self.lock:
+            if len(self.bins[signal]) < self.size: return float("nan")
+            counts = self.counts[signal].copy()
+        return population_stability(self.reference[signal]["shares"], counts)
+
+    def neither_share(self) -> float:
+        "Share of 'neither' answers in the window (NaN while empty)."
+        with self.lock: return sum(self.neither) / len(self.neither) if self.neither else float("nan")
 
 # %% ../nbs/00b_metrics.ipynb #27b5673f
 def _plt():

@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['CLASS_NAMES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'make_demo_folder', 'shared_sample', 'demo_data_dir', 'sample_photos',
-           'label_of', 'list_images', 'ImageError', 'to_rgb', 'load_image', 'OpenSetConfig', 'ModelConfig', 'Preset']
+__all__ = ['CLASS_NAMES', 'NEITHER', 'IMAGENET_MEAN', 'IMAGENET_STD', 'make_demo_folder', 'shared_sample', 'demo_data_dir',
+           'sample_photos', 'label_of', 'list_images', 'ImageError', 'to_rgb', 'load_image', 'OpenSetConfig',
+           'ModelConfig', 'Preset']
 
 # %% ../nbs/00a_presets.ipynb #f2017b40
 def make_demo_folder(dest:Path, # Folder to create (class subfolders go inside)
@@ -71,6 +72,7 @@ def sample_photos(label:str, # "cat" or "dog"
 
 # %% ../nbs/00a_presets.ipynb #fe583459
 CLASS_NAMES = ("cat", "dog")  # the model's outputs, in order: the last one is the positive class (`p_dog`)
+NEITHER = "neither"  # the answer, and the feedback label, for a photo of neither a cat nor a dog
 
 def label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
     "The class a relative path names by folder (nearest first) or by Kaggle-style file name."
@@ -178,6 +180,7 @@ class ModelConfig:
     metrics: dict = field(default_factory=dict)
     int8: dict|None = None # What `quantize_artifact` measured of `model.int8.onnx` (see the engines notebook); None: no int8 model
     heat_maps: bool = False # The exported graphs' last output is `maps`: the class activation maps (see the model notebook)
+    drift_reference: dict|None = None # The validation split's answers, binned for the drift statistic (see the metrics notebook); None: not recorded
     code_version: str = ""
     created: str = ""
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import functools
 import logging
+import math
 import os
 import secrets
 import socket
+import tempfile
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,25 +27,30 @@ import anyio
 import httpx
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from .batching import BatcherClosed, DeadlineExceeded, MicroBatcher, Overloaded
-from .config import (MODEL_SOURCE, InferenceSettings, ServingSettings, Settings, field_names, get_settings, parse_settings,
-                             settings_parser)
+from .config import (MODEL_SOURCE, FeedbackSettings, InferenceSettings, ServingSettings, Settings, field_names, get_settings,
+                             parse_settings, settings_parser)
+from .feedback import Answered, FeedbackStore, RateLimit, RecentAnswers, StoreFull, answer_margin
 from .http_input import (FetchRefused, fetch_url, image_http_error, read_body, read_multipart, read_within,
                                  refusal_reason, unless_disconnected)
 from .inference import (NO_HEAT_MAPS, Explanation, Prediction, Predictor, check_artifact, heat_overlay, overlay_size,
                                 resolve_model)
+from .metrics import DriftWindow
 from .presets import ImageError
 
 # %% auto #0
-__all__ = ['logger', 'INLINE_OVERLAY_PIXELS', 'SettingsDep', 'ServiceDep', 'router', 'ExplainQuery', 'Metrics', 'ExplanationOut',
-           'PredictionOut', 'BatchItem', 'BatchOut', 'UrlIn', 'ErrorOut', 'HealthOut', 'RegistryOut', 'ReadyOut',
-           'PreviousModel', 'ReloadOut', 'Service', 'get_service', 'index', 'health', 'ready', 'predict',
-           'predict_batch', 'reload', 'metrics', 'lifespan', 'create_app', 'app_from_env', 'serve_cli']
+__all__ = ['logger', 'INLINE_OVERLAY_PIXELS', 'SettingsDep', 'ServiceDep', 'router', 'ExplainQuery', 'AdminAuth', 'Metrics',
+           'ExplanationOut', 'PredictionOut', 'BatchItem', 'BatchOut', 'UrlIn', 'FeedbackIn', 'LabelIn', 'FeedbackOut',
+           'ReviewItemOut', 'ReviewOut', 'ErrorOut', 'HealthOut', 'RegistryOut', 'ReadyOut', 'PreviousModel',
+           'ReloadOut', 'Service', 'get_service', 'check_admin', 'index', 'health', 'ready', 'predict', 'predict_batch',
+           'reload', 'feedback', 'review_page', 'review_items', 'review_photo', 'review_label', 'export_feedback',
+           'metrics', 'lifespan', 'create_app', 'app_from_env', 'serve_cli']
 
 # %% ../nbs/09_serving.ipynb #613f6413
 logger = logging.getLogger("catsdogs.serving")
@@ -62,6 +71,30 @@ class Metrics:
         self.ready = Gauge("catsdogs_model_ready", "1 once the model is loaded", registry=r)
         self.refused = Counter("catsdogs_refused", "Images refused with 503: queue full (overloaded), past the deadline, "
                                "or shutting down", ["reason"], registry=r)
+        self.confidence = Histogram("catsdogs_answer_confidence", "The answers' confidence (probability of the label given)",
+                                    buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r)
+        self.p_cat_or_dog = Histogram("catsdogs_answer_p_cat_or_dog", "The answers' p_cat_or_dog (open set on)",
+                                      buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0), registry=r)
+        self.drift = Gauge("catsdogs_drift_psi", "PSI of the last drift_window answers against the validation split, by signal "
+                           "(NaN until the window is full; absent for a model without a drift reference)", ["signal"], registry=r)
+        self.neither_share = Gauge("catsdogs_window_neither_share", "Share of 'neither' answers among the last drift_window answers",
+                                   registry=r)
+        self.feedback = Counter("catsdogs_feedback", "Corrections stored, by label and source (feedback: POST /feedback; review: "
+                                "the review page)", ["label", "source"], registry=r)
+        self.review_queued = Counter("catsdogs_review_queued", "Doubtful answers' photos put in the review queue", registry=r)
+
+    def watch(self, window:DriftWindow|None):
+        "Export `window`'s PSI and share of 'neither' answers (computed when scraped); None: a model without a drift reference."
+        self.drift.clear()
+        if window is None: self.neither_share.set(float("nan")); return
+        for signal in window.reference: self.drift.labels(signal).set_function(functools.partial(window.psi, signal))
+        self.neither_share.set_function(window.neither_share)
+
+    def observe_answer(self, p:Prediction):
+        "Count an answer: its label, confidence and p_cat_or_dog."
+        self.predictions.labels(p.label).inc()
+        self.confidence.observe(p.confidence)
+        if p.p_cat_or_dog is not None: self.p_cat_or_dog.observe(p.p_cat_or_dog)
 
     def describe(self, predictor:Predictor):
         "Set `catsdogs_model_info` to the predictor's model, engine and registry version."
@@ -94,7 +127,8 @@ _DOCS = {"label": '"cat", "dog", or "neither" when the photo does not look like 
          "confidence": 'Probability of `label`: P(that class | a cat or a dog), or 1 - p_cat_or_dog for "neither"',
          "probabilities": "Each class's calibrated probability, given that the photo shows a cat or a dog",
          "p_dog": "P(dog | a cat or a dog)",
-         "p_cat_or_dog": "Probability that the photo shows a cat or a dog at all (calibrated under an even prior); null when the open set is off"}
+         "p_cat_or_dog": "Probability that the photo shows a cat or a dog at all (calibrated under an even prior); null when the open set is off",
+         "id": "The answer's id: POST it to /feedback with the right label when the answer is wrong"}
 
 class ExplanationOut(BaseModel):
     "Where the answer comes from (with `explain=true`): a heat map as numbers and as a picture to lay over the photo."
@@ -116,10 +150,10 @@ class ExplanationOut(BaseModel):
 class PredictionOut(BaseModel):
     "The answer for one image."
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"label": "dog", "confidence": 0.993, "probabilities": {"cat": 0.007, "dog": 0.993}, "p_dog": 0.993,
-         "p_cat_or_dog": 0.998, "model_version": "3f2c9a1b7d4e"},
-        {"label": "neither", "confidence": 0.991, "probabilities": {"cat": 0.62, "dog": 0.38}, "p_dog": 0.38,
-         "p_cat_or_dog": 0.009, "model_version": "3f2c9a1b7d4e"}]})
+        {"id": "9b1f0c5e2a7d4c3b8e6f1a2b3c4d5e6f", "label": "dog", "confidence": 0.993, "probabilities": {"cat": 0.007, "dog": 0.993},
+         "p_dog": 0.993, "p_cat_or_dog": 0.998, "model_version": "3f2c9a1b7d4e"},
+        {"id": "0d2e4f6a8b1c3d5e7f9a0b2c4d6e8f1a", "label": "neither", "confidence": 0.991, "probabilities": {"cat": 0.62, "dog": 0.38},
+         "p_dog": 0.38, "p_cat_or_dog": 0.009, "model_version": "3f2c9a1b7d4e"}]})
     label: str = Field(description=_DOCS["label"])
     confidence: float = Field(description=_DOCS["confidence"])
     probabilities: dict[str, float] = Field(description=_DOCS["probabilities"])
@@ -127,6 +161,7 @@ class PredictionOut(BaseModel):
     p_cat_or_dog: float|None = Field(None, description=_DOCS["p_cat_or_dog"])
     explanation: ExplanationOut|None = Field(None, description="With `explain=true`: where the answer comes from")
     model_version: str
+    id: str = Field(description=_DOCS["id"])
 
 class BatchItem(BaseModel):
     "One file of a batch: its prediction, or the error that stopped it."
@@ -137,6 +172,7 @@ class BatchItem(BaseModel):
     p_dog: float|None = Field(None, description=_DOCS["p_dog"])
     p_cat_or_dog: float|None = Field(None, description=_DOCS["p_cat_or_dog"])
     explanation: ExplanationOut|None = Field(None, description="With `explain=true`: where the answer comes from")
+    id: str|None = Field(None, description=_DOCS["id"])
     error: str|None = None
     status: int = 200
 
@@ -148,6 +184,53 @@ class BatchOut(BaseModel):
 class UrlIn(BaseModel):
     "JSON body of `/predict` for an image on the web."
     url: str
+
+class FeedbackIn(BaseModel):
+    "JSON body of `/feedback`: which answer was wrong and what the photo shows."
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"id": "9b1f0c5e2a7d4c3b8e6f1a2b3c4d5e6f", "label": "cat", "note": "a Maine Coon, not a dog"}]})
+    id: str = Field(min_length=1, max_length=64, description="The `id` of the answer")
+    label: Literal["cat", "dog", "neither"] = Field(description="What the photo really shows")
+    note: str|None = Field(None, max_length=500, description="Anything the reviewer should know")
+
+class LabelIn(BaseModel):
+    "JSON body of `POST /review/{sha256}`: the label a reviewer gives a queued photo."
+    model_config = ConfigDict(extra="forbid")
+    label: Literal["cat", "dog", "neither"]
+
+class FeedbackOut(BaseModel):
+    "A correction as stored: the answer it corrects and the label given."
+    status: Literal["stored"] = "stored"
+    id: str = Field(description="The answer's id")
+    label: str = Field(description="The label given")
+    answered: str = Field(description="The label the service had answered")
+    sha256: str = Field(description="The photo's sha256, its name in the store")
+    model_version: str = Field(description="The model that answered")
+    source: Literal["feedback", "review"] = Field(description="feedback: POST /feedback; review: the review page")
+
+    @classmethod
+    def of(cls, correction:dict) -> FeedbackOut:
+        "The API form of a stored correction (`FeedbackStore.correct`)."
+        return cls(id=correction["id"], label=correction["label"], answered=correction["answer"]["label"], sha256=correction["sha256"],
+                   model_version=correction["model_version"], source=correction["source"])
+
+class ReviewItemOut(BaseModel):
+    "A photo in the review queue: the answer it got and how doubtful that was."
+    sha256: str
+    id: str = Field(description="The answer's id")
+    label: str = Field(description="The label answered")
+    confidence: float
+    p_dog: float
+    p_cat_or_dog: float|None
+    margin: float = Field(description="How far the answer was from changing, in log-odds (0: the mirror image disagreed)")
+    model_version: str
+    answered_at: float = Field(description="When it was answered (Unix time)")
+    photo: str = Field(description="Where the photo is (GET, with the admin token)")
+
+class ReviewOut(BaseModel):
+    "`/review/items`: the queue, most doubtful first."
+    items: list[ReviewItemOut]
+    waiting: int = Field(description="Photos in the queue")
 
 # %% ../nbs/09_serving.ipynb #53285193
 class ErrorOut(BaseModel):
@@ -185,6 +268,8 @@ class ReadyOut(BaseModel):
     open_set: bool = Field(description='Whether "neither" can be answered')
     open_set_threshold: float|None = Field(description='"neither" below this p_cat_or_dog; null when the open set is off')
     heat_maps: bool = Field(description="Whether `explain=true` can say where the answers come from")
+    feedback: bool = Field(description="Whether corrections are kept (POST /feedback) and the review queue runs")
+    drift: bool = Field(description="Whether the model has a drift reference, so /metrics has catsdogs_drift_psi")
     registry: RegistryOut|None = Field(description="The registry version; null for a model loaded from a folder")
 
 class PreviousModel(BaseModel):
@@ -215,17 +300,32 @@ class Service:
     batcher: MicroBatcher|None = None
     client: httpx.AsyncClient|None = None
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    store: FeedbackStore|None = None # The feedback store, when `feedback_dir` is set
+    recent: RecentAnswers|None = None # Answers that may still be corrected (feedback on)
+    limiter: RateLimit|None = None # Corrections per client address (feedback on)
+    drift: DriftWindow|None = None # The recent answers against the model's drift reference (None: the model has none)
 
     async def start(self):
-        "Create the batcher and the URL client (inside the running event loop)."
+        "Create the batcher, the URL client, the drift window and, with `feedback_dir`, the feedback store (inside the running event loop)."
         s = self.settings
         self.batcher = MicroBatcher(self._run_batch, s)
         timeout = httpx.Timeout(s.url_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        if s.feedback_dir is not None:
+            self.store = await anyio.to_thread.run_sync(FeedbackStore, s)
+            self.recent, self.limiter = RecentAnswers(s), RateLimit(s.feedback_per_minute)
+        self._watch(self.predictor)
+
+    def _watch(self, predictor:Predictor):
+        "Measure drift against `predictor`'s reference, in a fresh window."
+        reference = predictor.config.drift_reference
+        self.drift = DriftWindow(reference, self.settings.drift_window) if reference else None
+        self.metrics.watch(self.drift)
 
     async def stop(self):
-        "Close the batcher (queued requests get 503) and the URL client."
+        "Close the batcher (queued requests get 503), the URL client and the feedback store."
         await self.batcher.close(); await self.client.aclose()
+        if self.store is not None: self.store.close()
 
     def _run_batch(self, items:list[tuple[bytes, bool]]) -> list[tuple[Prediction, str]|Exception]:
         "The batch's answers from one `predict_batch` call (in the inference thread); an error fails its own request alone."
@@ -246,10 +346,23 @@ class Service:
         except (BatcherClosed, Overloaded, DeadlineExceeded) as e:
             self.metrics.refused.labels(_REFUSALS[type(e)]).inc()
             raise HTTPException(503, str(e), headers={"Retry-After": str(self.settings.retry_after_s)}) from None
-        self.metrics.predictions.labels(p.label).inc()
+        answer_id = uuid.uuid4().hex
+        await self._record(answer_id, data, p, version)
         if explain and p.explanation is None: raise self.no_heat_maps()  # a reload swapped in a model without maps
         why = await self._explained(p.explanation) if explain else None
-        return PredictionOut(**{**vars(p), "explanation": why}, model_version=version)
+        return PredictionOut(**{**vars(p), "explanation": why}, model_version=version, id=answer_id)
+
+    async def _record(self, answer_id:str, data:bytes, p:Prediction, version:str):
+        "Count the answer, add it to the drift window and, with feedback on, keep it for corrections and offer a doubtful one for review."
+        self.metrics.observe_answer(p)
+        if self.drift is not None:
+            self.drift.observe({"confidence": max(p.probabilities.values()), "p_cat_or_dog": p.p_cat_or_dog}, p.label == "neither")
+        if self.store is None: return
+        answer = {k: getattr(p, k) for k in ("label", "confidence", "probabilities", "p_dog", "p_cat_or_dog", "views_agree")}
+        answered = Answered(data, answer, version, answer_margin(answer, self.predictor.threshold))
+        self.recent.put(answer_id, answered)
+        if answered.margin < self.settings.review_margin and await anyio.to_thread.run_sync(self.store.offer_review, answer_id, answered):
+            self.metrics.review_queued.inc()
 
     async def _explained(self, explanation:Explanation) -> ExplanationOut:
         "The API form of `explanation`: drawn here for photos up to `INLINE_OVERLAY_PIXELS` (about 2 ms, less than a thread hop costs), in a thread above."
@@ -267,9 +380,32 @@ class Service:
         async with self.reloading:
             predictor = await anyio.to_thread.run_sync(Predictor.from_settings, self.settings)
             self.predictor = predictor  # the batch running now finishes on the old one; the next uses this
+            self._watch(predictor)
         self.metrics.describe(predictor)
         logger.info("reloaded: serving %r", predictor)
         return predictor
+
+    async def correct(self, client:str, answer_id:str, label:str, note:str|None=None, sha256:str|None=None) -> FeedbackOut:
+        "Store a correction of the answer `answer_id` (or label the queued photo `sha256`), within the client's rate limit; 4xx when it cannot."
+        if self.store is None: raise self.feedback_off()
+        wait = self.limiter.wait(client)
+        if wait: raise HTTPException(429, f"too many corrections: at most {self.settings.feedback_per_minute} a minute",
+                                     headers={"Retry-After": str(math.ceil(wait))})
+        try:
+            if sha256 is not None: stored = await anyio.to_thread.run_sync(self.store.label_review, sha256, label)
+            else:
+                answered = self.recent.get(answer_id)
+                if answered is None: raise HTTPException(404, f"no answer with id {answer_id!r} to correct: it is unknown, or older than "
+                                                              f"{self.settings.feedback_answer_ttl_s:g} s")
+                stored = await anyio.to_thread.run_sync(self.store.correct, answer_id, answered, label, note)
+        except KeyError: raise HTTPException(404, f"no photo {sha256} is waiting for review")
+        except StoreFull as e: raise HTTPException(409, f"{e}: corrections are not taken until its operator exports and clears it")
+        self.metrics.feedback.labels(label, stored["source"]).inc()
+        return FeedbackOut.of(stored)
+
+    def feedback_off(self) -> HTTPException:
+        "The 404 answer of the feedback routes when no `feedback_dir` is set."
+        return HTTPException(404, "feedback is off: this server keeps no corrections (its operator can start it with --feedback-dir)")
 
     async def fetch(self, url:str) -> bytes:
         "The image at `url`, within the limits and address checks."
@@ -304,10 +440,37 @@ _ERROR_TEXT = {400: "bad input or refused URL", 401: "no or wrong token", 404: "
                413: "too large", 415: "not an image",
                501: "explain=true, but the served model's graphs have no heat maps",
                503: "model not loaded yet, queue full or past the deadline: retry after Retry-After"}
+_FEEDBACK_ERRORS = {400: "not JSON", 404: "feedback is off, or no such answer (unknown or expired id)", 409: "the feedback store is full",
+                    413: "body too large", 415: "not JSON", 422: "a field is missing or wrong (the label must be cat, dog or neither)",
+                    429: "too many corrections from this client: retry after Retry-After"}
+_ADMIN_ERRORS = {401: "no or wrong admin token (Bearer, or Basic with the token as password)",
+                 404: "feedback is off, no admin_token is set, or no such photo"}
 
-def _errors(*statuses:int) -> dict:
+def _errors(*statuses:int, text:dict=_ERROR_TEXT) -> dict:
     "OpenAPI `responses` for error `statuses`, each a `{\"detail\": ...}` body (`ErrorOut`)."
-    return {s: {"model": ErrorOut, "description": _ERROR_TEXT[s]} for s in statuses}
+    return {s: {"model": ErrorOut, "description": text[s]} for s in statuses}
+
+def check_admin(settings:Settings, authorization:str|None):
+    "Let the request through with the admin token, as `Bearer TOKEN` or HTTP Basic with the token as password (what a browser sends); else 404 (no token set) or 401."
+    if not settings.admin_token: raise HTTPException(404, "Not Found")
+    scheme, _, credentials = (authorization or "").partition(" ")
+    token = credentials.strip()
+    if scheme.lower() == "basic":
+        try: token = base64.b64decode(token, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError): token = ""
+    elif scheme.lower() != "bearer": token = ""
+    if not secrets.compare_digest(token.encode(), settings.admin_token.encode()):
+        raise HTTPException(401, "a valid admin token is needed", headers={"WWW-Authenticate": 'Basic realm="catsdogs admin"'})  # browsers ask for it; scripts may send Bearer
+
+async def _json_body(request:Request, service:Service, model:type[BaseModel]) -> BaseModel:
+    "A small JSON body (at most 16 kB) as `model`; 415, 413, 400 or 422 with the reason in plain words."
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, "send a JSON body (Content-Type: application/json)")
+    body = await read_within(service.settings.body_timeout_s, read_body(request, 16 * 1024))
+    try: return model.model_validate_json(body)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()): raise HTTPException(400, "the body is not valid JSON")
+        raise HTTPException(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()))
 
 async def _image_bytes(request:Request, service:Service, url:str|None) -> bytes:
     "The image of a `/predict` request: from `?url=`, a JSON `{\"url\"}`, a multipart `file` or a raw image body."
@@ -351,7 +514,7 @@ def ready(service:ServiceDep) -> ReadyOut:
                     backend=p.backend, precision=p.precision, tta=p.tta, class_names=list(c.class_names),
                     metrics=c.metrics, open_set=p.open_set is not None,
                     open_set_threshold=p.threshold if p.open_set is not None else None, heat_maps=p.heat_maps,
-                    registry=p.registry)
+                    feedback=service.store is not None, drift=service.drift is not None, registry=p.registry)
 
 def _json(answer:BaseModel) -> Response:
     "An answer built from validated parts, serialized once by pydantic (FastAPI would validate and encode it again)."
@@ -390,18 +553,74 @@ async def predict_batch(request:Request, service:ServiceDep, settings:SettingsDe
 async def reload(service:ServiceDep, settings:SettingsDep,
                  authorization:Annotated[str|None, Header(description="Bearer <admin_token>")]=None) -> ReloadOut:
     "Load the model again (a `models:/NAME@ALIAS` URI follows its alias) and swap it in without failing a request in flight."
-    if not settings.admin_token: raise HTTPException(404, "Not Found")
-    if not secrets.compare_digest((authorization or "").encode(), f"Bearer {settings.admin_token}".encode()):
-        raise HTTPException(401, "a valid admin token is needed", headers={"WWW-Authenticate": "Bearer"})
+    check_admin(settings, authorization)
     before = service.predictor
     try: after = await service.reload()
     except Exception as e: raise HTTPException(409, f"the model could not be loaded; still serving the previous one: {e}")
     return ReloadOut(previous=PreviousModel(model_version=before.model_version, registry=before.registry),
                      model_version=after.model_version, registry=after.registry, backend=after.backend, precision=after.precision)
 
+AdminAuth = Annotated[str|None, Header(alias="Authorization", description="Bearer <admin_token>, or HTTP Basic with the token as password")]
+
+@router.post("/feedback", status_code=201, responses=_errors(400, 404, 409, 413, 415, 422, 429, text=_FEEDBACK_ERRORS))
+async def feedback(request:Request, service:ServiceDep) -> FeedbackOut:
+    "Correct an answer: JSON `{\"id\": ..., \"label\": \"cat\" | \"dog\" | \"neither\", \"note\": ...}`; the photo and the correction are stored before the 201."
+    if service.store is None: raise service.feedback_off()
+    body = await _json_body(request, service, FeedbackIn)
+    return await service.correct(request.client.host if request.client else "", body.id, body.label, body.note)
+
+def _reviewer(service:Service, settings:Settings, authorization:str|None) -> FeedbackStore:
+    "The feedback store, for a request with the admin token (404 when feedback is off)."
+    check_admin(settings, authorization)
+    if service.store is None: raise service.feedback_off()
+    return service.store
+
+@router.get("/review", response_class=HTMLResponse, response_model=None, responses=_errors(401, 404, text=_ADMIN_ERRORS))
+def review_page(request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None) -> str:
+    "The review page: the queued photos, most doubtful first, each labelled with one click (admin token; a browser asks for it)."
+    _reviewer(service, settings, authorization)
+    return request.app.state.review_page
+
+@router.get("/review/items", responses=_errors(401, 404, text=_ADMIN_ERRORS))
+def review_items(request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None,
+                 limit:Annotated[int, Query(ge=1, le=500, description="Most items")]=100) -> ReviewOut:
+    "The review queue, most doubtful first (admin token)."
+    store = _reviewer(service, settings, authorization)
+    items = [ReviewItemOut(sha256=i["sha256"], id=i["id"], label=i["answer"]["label"], confidence=i["answer"]["confidence"],
+                           p_dog=i["answer"]["p_dog"], p_cat_or_dog=i["answer"].get("p_cat_or_dog"), margin=i["margin"],
+                           model_version=i["model_version"], answered_at=i["answered_at"],
+                           photo=str(request.url_for("review_photo", sha256=i["sha256"]).path))
+             for i in store.review_items(limit)]
+    return ReviewOut(items=items, waiting=store.waiting())
+
+@router.get("/review/photos/{sha256}", response_class=FileResponse, responses=_errors(401, 404, text=_ADMIN_ERRORS))
+def review_photo(sha256:str, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None) -> FileResponse:
+    "A photo of the store, by its sha256 (admin token)."
+    path = _reviewer(service, settings, authorization).photo_path(sha256.lower())
+    if path is None: raise HTTPException(404, f"no photo {sha256} in the feedback store")
+    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+@router.post("/review/{sha256}", status_code=201, responses=_errors(400, 401, 404, 409, 413, 415, 422, 429,
+                                                                    text={**_FEEDBACK_ERRORS, **_ADMIN_ERRORS}))
+async def review_label(sha256:str, request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None) -> FeedbackOut:
+    "Label a queued photo: JSON `{\"label\": ...}` (admin token); it leaves the queue as a correction."
+    _reviewer(service, settings, authorization)
+    body = await _json_body(request, service, LabelIn)
+    return await service.correct(request.client.host if request.client else "", "", body.label, sha256=sha256.lower())
+
+@router.get("/admin/feedback.tar", response_class=FileResponse, responses=_errors(401, 404, text=_ADMIN_ERRORS))
+async def export_feedback(service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None) -> FileResponse:
+    "The whole feedback store as a tar archive (admin token): unpack it and pass the folder to `catsdogs_prepare --feedback-dir`."
+    store = _reviewer(service, settings, authorization)
+    archive = tempfile.NamedTemporaryFile(prefix="catsdogs-feedback-", suffix=".tar", delete=False)
+    try: await anyio.to_thread.run_sync(store.export, archive)
+    finally: archive.close()
+    return FileResponse(archive.name, media_type="application/x-tar", filename="feedback.tar",
+                        background=BackgroundTask(os.unlink, archive.name))
+
 @router.get("/metrics", response_class=_PrometheusText)
 def metrics(request:Request) -> _PrometheusText:
-    "Prometheus metrics: requests, latency, predictions, batch sizes, model info."
+    "Prometheus metrics: requests, latency, predictions, their confidence and p_cat_or_dog, drift, batch sizes, model info."
     return _PrometheusText(generate_latest(request.app.state.metrics.registry))
 
 # %% ../nbs/09_serving.ipynb #d7ea5cd4
@@ -427,9 +646,9 @@ async def lifespan(app:FastAPI):
         app.state.service = None; app.state.metrics.ready.set(0)
         await service.stop()
 
-def _web_page() -> str:
-    "The single-file web page shipped in `catsdogs/static`."
-    return (resources.files("catsdogs")/"static"/"index.html").read_text(encoding="utf-8")
+def _web_page(name:str="index.html") -> str:
+    "A single-file web page shipped in `catsdogs/static`."
+    return (resources.files("catsdogs")/"static"/name).read_text(encoding="utf-8")
 
 # %% ../nbs/09_serving.ipynb #8e004693
 def create_app(settings:Settings|None=None, # Default: `get_settings()`
@@ -440,7 +659,8 @@ def create_app(settings:Settings|None=None, # Default: `get_settings()`
     app = FastAPI(title="catsdogs", summary="Is it a cat or a dog?", lifespan=lifespan)
     if settings is not None: app.dependency_overrides[get_settings] = lambda: settings
     app.state.predictor, app.state.resolver, app.state.url_guard = predictor, resolver, url_guard
-    app.state.service, app.state.metrics, app.state.page = None, Metrics(), _web_page()
+    app.state.service, app.state.metrics = None, Metrics()
+    app.state.page, app.state.review_page = _web_page(), _web_page("review.html")
     app.add_middleware(_MetricsMiddleware, metrics=app.state.metrics)
 
     @app.exception_handler(ClientDisconnect)
@@ -457,7 +677,7 @@ def create_app(settings:Settings|None=None, # Default: `get_settings()`
     return app
 
 # %% ../nbs/09_serving.ipynb #7cf31c12
-_SERVE_FIELDS = [InferenceSettings, ServingSettings, *MODEL_SOURCE, "max_image_pixels"]  # the flags of catsdogs_serve
+_SERVE_FIELDS = [InferenceSettings, ServingSettings, FeedbackSettings, *MODEL_SOURCE, "max_image_pixels"]  # the flags of catsdogs_serve
 
 def app_from_env() -> FastAPI:
     "The app configured from `CATSDOGS_*` variables (uvicorn factory for `--workers` > 1)."

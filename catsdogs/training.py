@@ -28,17 +28,18 @@ from tqdm import tqdm
 from .config import DataSettings, ModelSettings, Settings, TrainingSettings, parse_settings, settings_parser
 from .data import (BatchAugment, DeviceLoader, ImageDataset, PreparedData, ResizedPhotos, batch_normalize,
                            build_pixel_cache, load_prepared, prepare)
-from .metrics import classification_metrics, save_figures
+from .metrics import classification_metrics, drift_reference, save_figures
 from .model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
 from .engines import quantize_artifact
-from .presets import CLASS_NAMES, ModelConfig, OpenSetConfig, Preset
+from .presets import CLASS_NAMES, NEITHER, ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
 __all__ = ['resolve_device', 'seed_everything', 'init_distributed', 'preset_of', 'epoch_seed', 'make_loader', 'open_photos',
            'warmup_cosine', 'train_one_epoch', 'predict_logits', 'evaluate', 'extract_features', 'fit_temperature',
            'TrainState', 'Tracker', 'TrainResult', 'TrainingRun', 'train', 'start_run', 'prepare_data', 'split_rows',
            'run_photos', 'build_run_model', 'open_tracker', 'Stage', 'start_stage', 'run_epoch', 'end_epoch',
-           'fit_stages', 'split_features', 'test_metrics', 'finish', 'train_cli']
+           'fit_stages', 'split_features', 'test_metrics', 'neither_metrics', 'validation_drift_reference', 'finish',
+           'train_cli']
 
 # %% ../nbs/04_training.ipynb #90e829af
 def resolve_device(name:str="auto") -> torch.device:
@@ -375,6 +376,7 @@ def open_tracker(run:TrainingRun, prepared:PreparedData, enabled:bool=True, quic
     if tracker.enabled and run.state.run_id is None:
         tracker.log_params({**run.settings.model_dump(mode="json"), "world_size": run.world_size, "quick": quick,
                             "dataset_version": prepared.version, "device": str(run.device)})
+        tracker.log_params(prepared.feedback_counts())
         tracker.log_dataset(prepared)
     run.state.run_id = tracker.run_id
     return tracker
@@ -529,6 +531,22 @@ def test_metrics(model:CatsDogsNet, features:dict, settings:Settings) -> tuple[f
     metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
     return temperature, open_set, probs, metrics
 
+@torch.no_grad()
+def neither_metrics(model:CatsDogsNet, prepared:PreparedData, photos:ResizedPhotos, settings:Settings, open_set:OpenSetConfig) -> dict:
+    "The open-set head on the photos of neither that feedback brought (every split: none was used to fit it): how many, the share refused."
+    rows = pd.concat([prepared.split(s, labels=(NEITHER,)) for s in ("train", "val", "test")], ignore_index=True)
+    if rows.empty: return {}
+    cpu = torch.device("cpu")
+    features, _ = predict_logits(model.backbone, make_loader(rows, photos, settings, cpu), cpu, autocast=False)
+    refused = open_set.probability(model.open_set(features).numpy()) < open_set.threshold
+    return {"feedback_neither_refused": float(refused.mean()), "n_feedback_neither": int(len(rows))}
+
+@torch.no_grad()
+def validation_drift_reference(model:CatsDogsNet, val_features:torch.Tensor, temperature:float, open_set:OpenSetConfig) -> dict:
+    "The drift reference (see the metrics notebook) of the validation split's answers: top cat/dog probability and `p_cat_or_dog`."
+    confidence = torch.softmax(model.head(val_features) / temperature, 1).max(1).values.numpy()
+    return drift_reference({"confidence": confidence, "p_cat_or_dog": open_set.probability(model.open_set(val_features).numpy())})
+
 def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Tensor, metrics:dict, config:ModelConfig):
     "Log the test metrics, figures, the whole artifact (what `models:/` URIs serve) and the registered model."
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()})
@@ -550,9 +568,12 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:Res
     features = split_features(model, rows, photos, s, run.device, progress)
     model = model.cpu().eval()
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
+    metrics.update(neither_metrics(model, prepared, photos, s, open_set))
     test_targets, test_paths = features["test"][1].numpy(), features["test"][2]
     save_figures(out/"figures", probs, test_targets, test_paths, CLASS_NAMES, history=run.state.history)
-    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, temperature=temperature, open_set=open_set, dataset_version=prepared.version, metrics=metrics)
+    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, temperature=temperature, open_set=open_set,
+                                 dataset_version=prepared.version, metrics=metrics,
+                                 drift_reference=validation_drift_reference(model, features["val"][0], temperature, open_set))
     preset = Preset.from_config(config)
     example = torch.from_numpy(preset.stack(test_paths[:2]))
     val_paths = features["val"][2]
@@ -570,7 +591,7 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:Res
 def train_cli(argv:list[str]|None=None):
     "Console script `catsdogs_train` (also under `torchrun --no-python catsdogs_train ...` for DDP)."
     parser = settings_parser("Train the cats-vs-dogs classifier and write a model artifact.",
-                             [DataSettings, ModelSettings, TrainingSettings], aliases={"--output": "model_dir"})
+                             [DataSettings, ModelSettings, TrainingSettings, "feedback_dir"], aliases={"--output": "model_dir"})
     parser.add_argument("--prepared", type=Path,
                         help="A folder written by catsdogs_prepare (default: prepare --data-dir into MODEL_DIR/data)")
     parser.add_argument("--resume", action="store_true",

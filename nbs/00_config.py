@@ -12,7 +12,7 @@
 # last wins:
 #
 # 1. the defaults below, in sections by stage (data, model, training, inference, evaluation,
-#    serving),
+#    serving, feedback),
 # 2. environment variables named `CATSDOGS_<FIELD>` (and the standard `MLFLOW_TRACKING_URI`),
 # 3. command-line flags of the console scripts (`--field-name`).
 
@@ -134,11 +134,24 @@ class ServingSettings(_Section):
     body_timeout_s: float = Field(30.0, gt=0, description="Most time to receive a request body; slower uploads get 408 and the connection is closed")
     max_connections: int = Field(1000, ge=1, description="Most concurrent connections and requests (uvicorn limit_concurrency); past it uvicorn answers 503")
     keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this (uvicorn timeout_keep_alive)")
-    admin_token: str | None = Field(None, description="Bearer token of POST /admin/reload (reload the model, e.g. a new registry version); unset: the route is off")
+    admin_token: str | None = Field(None, description="Token of the admin routes: POST /admin/reload (reload the model, e.g. a new registry version), "
+                                                      "the review queue and the feedback export; unset: those routes are off")
+    drift_window: int = Field(500, ge=10, description="Recent answers the drift statistic (PSI) compares with the model's validation split")
 
-SECTIONS = (DataSettings, ModelSettings, TrainingSettings, InferenceSettings, EvaluationSettings, ServingSettings)
+class FeedbackSettings(_Section):
+    "Corrections and the review queue: the service keeps them (only when `feedback_dir` is set), `catsdogs_prepare` trains on them."
+    feedback_dir: Path | None = Field(None, description="Folder of the feedback store (feedback.db and the photos); unset: nothing is kept, POST /feedback and /review are off")
+    feedback_max_bytes: int = Field(1_000_000_000, gt=0, description="Most bytes of photos the store keeps; past it corrections get 409 and the review queue stops taking photos")
+    feedback_answer_ttl_s: float = Field(3600.0, gt=0, description="How long an answer can be corrected (its photo waits in memory until then)")
+    feedback_pending_bytes: int = Field(200_000_000, gt=0, description="Most bytes of recent photos kept in memory for corrections; the oldest go first")
+    feedback_per_minute: int = Field(30, ge=1, description="Most corrections and review labels one client address may send a minute (429 past it)")
+    review_queue_size: int = Field(500, ge=0, description="Most photos waiting in the review queue; a more doubtful photo takes the place of the least doubtful")
+    review_margin: float = Field(1.5, gt=0, description="An answer whose margin is below this many log-odds (about 82% sure) joins the review queue; "
+                                                        "the margin is the smaller of the cat/dog and the 'neither' threshold's, 0 when the mirror image disagrees")
 
-class Settings(DataSettings, ModelSettings, TrainingSettings, InferenceSettings, EvaluationSettings, ServingSettings):
+SECTIONS = (DataSettings, ModelSettings, TrainingSettings, InferenceSettings, EvaluationSettings, ServingSettings, FeedbackSettings)
+
+class Settings(DataSettings, ModelSettings, TrainingSettings, InferenceSettings, EvaluationSettings, ServingSettings, FeedbackSettings):
     "Every tunable of catsdogs: the sections together, one flat namespace (`settings.seed`, `CATSDOGS_SEED`, `--seed`)."
 
 def section_of(field:str) -> type[BaseSettings]:
@@ -165,7 +178,7 @@ section_of("max_queue").__name__
 # A section can be built alone, from the same environment, when a function needs only its part:
 
 # %%
-ServingSettings(port=9000).port, InferenceSettings().backend, EvaluationSettings().ood_dir
+ServingSettings(port=9000).port, InferenceSettings().backend, EvaluationSettings().ood_dir, FeedbackSettings().feedback_dir
 
 # %% [markdown]
 # `model_dir` is the one artifact directory: `catsdogs_train` writes it and the later stages read

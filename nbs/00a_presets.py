@@ -124,6 +124,7 @@ stand_in
 # %%
 #| export
 CLASS_NAMES = ("cat", "dog")  # the model's outputs, in order: the last one is the positive class (`p_dog`)
+NEITHER = "neither"  # the answer, and the feedback label, for a photo of neither a cat nor a dog
 
 def label_of(rel_path:Path, class_names:tuple[str, ...]) -> str|None:
     "The class a relative path names by folder (nearest first) or by Kaggle-style file name."
@@ -262,9 +263,10 @@ drafted.size, drafted.info["original_size"]
 #
 # A trained model's directory holds `model_config.json`: its architecture, its preprocessing
 # (required, never guessed), class names, softmax temperature, the fitted open-set
-# ("neither") head's numbers, the dataset version and test metrics. `ModelConfig` is that
-# file's schema and `OpenSetConfig` its open-set part; both are plain dataclasses, so a serving
-# process reads them without PyTorch.
+# ("neither") head's numbers, the dataset version, the test metrics and the validation
+# answers that drift is measured against. `ModelConfig` is that file's schema and
+# `OpenSetConfig` its open-set part; both are plain dataclasses, so a serving process reads
+# them without PyTorch.
 
 # %%
 #| export
@@ -300,6 +302,7 @@ class ModelConfig:
     metrics: dict = field(default_factory=dict)
     int8: dict|None = None # What `quantize_artifact` measured of `model.int8.onnx` (see the engines notebook); None: no int8 model
     heat_maps: bool = False # The exported graphs' last output is `maps`: the class activation maps (see the model notebook)
+    drift_reference: dict|None = None # The validation split's answers, binned for the drift statistic (see the metrics notebook); None: not recorded
     code_version: str = ""
     created: str = ""
 

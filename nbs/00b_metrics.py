@@ -15,6 +15,8 @@
 #   confusion matrix, and the expected calibration error (ECE): the confidence-weighted gap
 #   between confidence and accuracy over 15 equal-width bins of `reliability`, which the
 #   reliability diagram of `save_figures` draws.
+# - **Drift**: the population stability index of the served answers against the validation
+#   split's (`drift_reference`, `DriftWindow`), which the service exports to Prometheus.
 #
 # The figures (`save_figures`, `open_set_figures`) take the same arrays and the photos' paths;
 # training draws them for its test split, `catsdogs_eval --figures DIR` for any folder (see the
@@ -24,6 +26,9 @@
 #| export
 from __future__ import annotations
 
+import bisect
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -118,6 +123,117 @@ rng = np.random.default_rng(0)
 m = open_set_metrics(rng.uniform(0.6, 1, 100), rng.uniform(0, 0.7, 100), threshold=0.62)  # 5% of pets and 15% of outliers overlap
 assert 0.9 < m["ood_roc_auc"] < 1 and m["ood_refused"] > 0.8 and m["pets_kept"] > 0.9
 m
+
+# %% [markdown]
+# ## Drift: are the photos people send still like the training set?
+#
+# A served model meets photos its validation split never showed it: other cameras, other
+# animals, screenshots. Its own answers say so first: the share of confident answers falls and
+# `p_cat_or_dog` slides down. The service compares the distribution of two of its outputs over
+# its recent answers with the same outputs on the validation split, stored in the artifact at
+# training time (`drift_reference`):
+#
+# - `confidence`: the top cat/dog probability (`max(probabilities)`, whatever the answer),
+# - `p_cat_or_dog`: the open-set probability.
+#
+# The statistic is the **population stability index** (PSI) over the reference's deciles:
+# `sum((observed - expected) * ln(observed / expected))` over 10 bins that each hold a tenth of
+# the validation answers. PSI rather than a Kolmogorov-Smirnov distance, because it is a sum
+# over fixed bins: the service keeps ten counts per signal over a sliding window and updates
+# them in constant time per answer, the reference is twenty numbers in `model_config.json`,
+# and its scale has conventional readings (below 0.1 stable, 0.1 to 0.25 a shift worth a look,
+# above 0.25 a different population: the alert rule in `deploy/` fires there). Sampling noise
+# alone gives about `(bins - 1) / window`, 0.02 for the default window of 500 answers. Shares
+# are smoothed by half a count per bin, so an empty bin does not make it infinite.
+
+# %%
+#| export
+DRIFT_SIGNALS = ("confidence", "p_cat_or_dog")
+DRIFT_BINS = 10
+
+def drift_reference(values:dict[str, np.ndarray], # Per signal: its values on the validation split
+                    n_bins:int=DRIFT_BINS) -> dict:
+    "The reference of each signal: inner bin edges at its quantiles, and the share of `values` in each bin."
+    reference = {}
+    for signal, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        edges = np.unique(np.quantile(v, np.linspace(0, 1, n_bins + 1)[1:-1]))  # ties (many answers at 1.0) merge bins
+        counts = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+        reference[signal] = {"edges": [float(e) for e in edges], "shares": [float(c) for c in (counts + 0.5) / (len(v) + 0.5 * len(counts))]}
+    return reference
+
+def population_stability(expected:np.ndarray, # Reference shares per bin
+                         counts:np.ndarray) -> float: # Observed counts per bin
+    "PSI of observed `counts` against `expected` shares, each observed share smoothed by half a count."
+    expected, counts = np.asarray(expected, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    observed = (counts + 0.5) / (counts.sum() + 0.5 * len(counts))
+    return float(((observed - expected) * np.log(observed / expected)).sum())
+
+
+# %% [markdown]
+# On made-up validation answers, a window drawn from the same distribution scores near zero
+# and one drawn from lower values scores far above 0.25:
+
+# %%
+rng = np.random.default_rng(0)
+validation = {"confidence": rng.beta(20, 1, 2000), "p_cat_or_dog": rng.beta(8, 2, 2000)}
+reference = drift_reference(validation)
+def psi_of(signal, values):
+    bins = np.searchsorted(reference[signal]["edges"], values, side="right")
+    return population_stability(reference[signal]["shares"], np.bincount(bins, minlength=len(reference[signal]["shares"])))
+same, shifted = psi_of("p_cat_or_dog", rng.beta(8, 2, 500)), psi_of("p_cat_or_dog", rng.beta(2, 4, 500))
+assert same < 0.05 and shifted > 1
+test_close(sum(reference["confidence"]["shares"]), 1.0, eps=1e-9)
+{"same distribution": round(same, 3), "shifted": round(shifted, 2), "edges": np.round(reference["p_cat_or_dog"]["edges"], 3).tolist()}
+
+
+# %% [markdown]
+# `DriftWindow` is the service's side: the last `size` answers' bins, their counts, and the
+# share of "neither" answers among them. The PSI is NaN until the window is full, so an alert on
+# it never fires on the first few answers after a start.
+
+# %%
+#| export
+class DriftWindow:
+    "The bins of the last `size` answers of each drift signal, and their PSI against a `drift_reference`."
+    def __init__(self, reference:dict, size:int):
+        self.reference, self.size, self.lock = reference, size, threading.Lock()
+        self.bins = {s: deque() for s in reference}
+        self.counts = {s: np.zeros(len(r["shares"]), dtype=np.int64) for s, r in reference.items()}
+        self.neither = deque()
+
+    def observe(self, values:dict[str, float|None], # Per signal its value for one answer (None: not measured)
+                neither:bool=False): # Whether the answer was "neither"
+        "Add one answer to the window, dropping the oldest once it holds `size`."
+        with self.lock:
+            for signal, value in values.items():
+                if signal not in self.reference or value is None: continue
+                b, window = bisect.bisect_right(self.reference[signal]["edges"], value), self.bins[signal]  # as searchsorted(side="right")
+                window.append(b); self.counts[signal][b] += 1
+                if len(window) > self.size: self.counts[signal][window.popleft()] -= 1
+            self.neither.append(neither)
+            if len(self.neither) > self.size: self.neither.popleft()
+
+    def psi(self, signal:str) -> float:
+        "The signal's PSI over the window; NaN until it holds `size` answers."
+        with self.lock:
+            if len(self.bins[signal]) < self.size: return float("nan")
+            counts = self.counts[signal].copy()
+        return population_stability(self.reference[signal]["shares"], counts)
+
+    def neither_share(self) -> float:
+        "Share of 'neither' answers in the window (NaN while empty)."
+        with self.lock: return sum(self.neither) / len(self.neither) if self.neither else float("nan")
+
+
+# %%
+window = DriftWindow(reference, size=200)
+test_eq(np.isnan(window.psi("confidence")), True)
+for c, p in zip(rng.beta(20, 1, 200), rng.beta(8, 2, 200)): window.observe({"confidence": c, "p_cat_or_dog": p})
+calm = window.psi("p_cat_or_dog")
+for c, p in zip(rng.beta(3, 2, 200), rng.beta(1, 6, 200)): window.observe({"confidence": c, "p_cat_or_dog": p}, neither=p < 0.3)
+assert calm < 0.1 < 0.25 < window.psi("p_cat_or_dog")
+{"calm": round(calm, 3), "after 200 other photos": round(window.psi("p_cat_or_dog"), 2), "neither share": window.neither_share()}
 
 
 # %% [markdown]

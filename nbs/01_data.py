@@ -18,6 +18,10 @@
 # 4. **splits** 80/10/10 per class by a seeded hash of each duplicate group, so the split is
 #    deterministic and adding images never moves an existing one.
 #
+# With `--feedback-dir DIR` it also merges the corrections of a feedback store (see the
+# feedback notebook) into the same manifest, as photos of their own origin: duplicate-aware
+# like every other photo, "neither" photos included.
+#
 # The manifest's sha256 is the dataset version that training logs to MLflow.
 
 # %%
@@ -49,13 +53,18 @@ from PIL import ImageOps
 from tqdm import tqdm
 
 from catsdogs.config import DataSettings, Settings, parse_settings, settings_parser
-from catsdogs.presets import (CLASS_NAMES, ImageError, Preset, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
+from catsdogs.feedback import FeedbackStore
+from catsdogs.presets import (CLASS_NAMES, NEITHER, ImageError, Preset, _open_image, demo_data_dir, list_images, load_image,  # noqa: F401 (re-exported)
                               make_demo_folder, to_rgb)
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 import io, tempfile
+from PIL import Image
+from catsdogs.config import FeedbackSettings
+from catsdogs.feedback import Answered
+from catsdogs.presets import shared_sample
 from torchvision.transforms.v2 import functional as TF
 
 
@@ -231,18 +240,28 @@ test_eq(split_of("abc", seed=1), split_of("abc", seed=1))
 
 # %%
 #| export
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "group", "width", "height", "format", "mode", "bytes", "phash"]
+MANIFEST_COLUMNS = ["path", "label", "split", "origin", "sha256", "group", "width", "height", "format", "mode", "bytes", "phash"]
+
+def feedback_files(feedback_dir:Path) -> pd.DataFrame:
+    "The corrected photos of a feedback store: absolute path, label (cat, dog or neither) and origin, one row per photo (its last correction)."
+    if not (Path(feedback_dir)/"feedback.db").exists(): raise ValueError(f"no feedback store at {feedback_dir} (it has no feedback.db)")
+    store = FeedbackStore(Settings(feedback_dir=feedback_dir))
+    try: corrections = {c["sha256"]: c for c in store.corrections()}  # oldest first: the last correction of a photo wins
+    finally: store.close()
+    return pd.DataFrame({"path": [str(c["path"].resolve()) for c in corrections.values()],
+                         "label": [c["label"] for c in corrections.values()], "origin": "feedback"}, columns=["path", "label", "origin"])
 
 def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Validate, group and split every image under `root`: `(manifest, skipped)`."
+    "Validate, group and split every image under `root`, and the corrections of `feedback_dir` when set: `(manifest, skipped)`."
     settings = settings or Settings()
-    files = find_images(root, CLASS_NAMES)
+    files = find_images(root, CLASS_NAMES).assign(origin="dataset")
     skipped = [(p, "no class folder or class name in the file name") for p in files.path[files.label.isna()]]
     files = files[files.label.notna()]
     if files.empty: raise ValueError(f"no file under {root} is in a class folder ({', '.join(CLASS_NAMES)}) "
                                      f"or has a Kaggle-style name such as {CLASS_NAMES[0]}.1.jpg")
-    facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)
-    facts["label"] = files.label.values
+    if settings.feedback_dir is not None: files = pd.concat([files, feedback_files(settings.feedback_dir)], ignore_index=True)
+    facts = inspect_images(root, files.path.tolist(), settings.num_workers, settings.max_image_pixels, progress)  # absolute paths stay
+    facts["label"], facts["origin"] = files.label.values, files.origin.values
     bad = facts.reason.notna()
     skipped += list(zip(facts.path[bad], facts.reason[bad]))
     good = facts[~bad].copy()
@@ -252,7 +271,9 @@ def build_manifest(root:Path, settings:Settings|None=None, progress:bool=True) -
     for path, group in zip(good.path[conflicted], good.group[conflicted]):
         skipped.append((path, f"duplicate group {group} has conflicting labels"))
     good = good[~conflicted].copy()
-    good["split"] = [split_of(g, settings.seed, settings.val_fraction, settings.test_fraction) for g in good.group]
+    # a group draws its split by its dataset photos when it has any, so feedback never moves a dataset photo to another split
+    anchors = good[good.origin == "dataset"].groupby("group").sha256.min().str[:16]
+    good["split"] = [split_of(anchors.get(g, g), settings.seed, settings.val_fraction, settings.test_fraction) for g in good.group]
     good[["width", "height", "bytes"]] = good[["width", "height", "bytes"]].astype(int)
     manifest = good[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
     skipped = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
@@ -284,9 +305,15 @@ class PreparedData:
     root: Path
     version: str
 
-    def split(self, name:str) -> pd.DataFrame:
-        "The manifest rows of one split (`train`, `val` or `test`)."
-        return self.manifest[self.manifest.split == name].reset_index(drop=True)
+    def split(self, name:str, # `train`, `val` or `test`
+              labels:tuple[str, ...]=CLASS_NAMES) -> pd.DataFrame: # (NEITHER,): the photos of neither that feedback brought
+        "The manifest rows of one split with one of `labels` (by default the cats and dogs)."
+        return self.manifest[(self.manifest.split == name) & self.manifest.label.isin(labels)].reset_index(drop=True)
+
+    def feedback_counts(self) -> dict[str, int]:
+        "How many photos came from feedback, in all and by label (`feedback_photos`, `feedback_cat`, ...)."
+        feedback = self.manifest[self.manifest.origin == "feedback"]
+        return {"feedback_photos": len(feedback), **{f"feedback_{label}": int((feedback.label == label).sum()) for label in (*CLASS_NAMES, NEITHER)}}
 
 def write_prepared(out:Path, manifest:pd.DataFrame, skipped:pd.DataFrame, root:Path) -> PreparedData:
     "Write `manifest.csv`, `skipped.csv` and `dataset.json` to `out`; returns the `PreparedData`."
@@ -296,16 +323,18 @@ def write_prepared(out:Path, manifest:pd.DataFrame, skipped:pd.DataFrame, root:P
     (out/"skipped.csv").write_bytes(skipped.to_csv(index=False, lineterminator="\n").encode())
     version = hashlib.sha256(manifest_bytes).hexdigest()
     counts = {s: {c: int(n) for c, n in g.label.value_counts().sort_index().items()} for s, g in manifest.groupby("split")}
+    prepared = PreparedData(manifest, Path(root).resolve(), version)
     info = {"version": version, "root": str(Path(root).resolve()), "n_images": len(manifest),
-            "n_skipped": len(skipped), "counts": counts}
+            "n_skipped": len(skipped), "counts": counts, **prepared.feedback_counts()}
     (out/"dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    return PreparedData(manifest, Path(root).resolve(), version)
+    return prepared
 
 def load_prepared(out:Path, root:Path|None=None) -> PreparedData:
     "Read what `write_prepared` wrote; `root` overrides the recorded data folder."
     out = Path(out)
     info = json.loads((out/"dataset.json").read_text())
     manifest = pd.read_csv(out/"manifest.csv", dtype={"phash": str, "group": str, "sha256": str})
+    if "origin" not in manifest: manifest.insert(3, "origin", "dataset")  # written before feedback existed
     return PreparedData(manifest, Path(root or info["root"]), info["version"])
 
 
@@ -446,8 +475,8 @@ def prepare(settings:Settings|None=None, out:Path|None=None, progress:bool=True)
 
 def prepare_cli(argv:list[str]|None=None):
     "Console script `catsdogs_prepare`: write manifest.csv, skipped.csv and dataset.json."
-    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images into a versioned manifest.",
-                             [DataSettings], aliases={"--out": "prepared_dir"})
+    parser = settings_parser("Validate, deduplicate and split the cats-vs-dogs images (and the corrections of a feedback store) "
+                             "into a versioned manifest.", [DataSettings, "feedback_dir"], aliases={"--out": "prepared_dir"})
     settings, _ = parse_settings(parser, argv)
     out = settings.prepared_dir
     try: prepared = prepare(settings, out, progress=sys.stderr.isatty())  # progress bars on a terminal, not in logs
@@ -455,9 +484,12 @@ def prepare_cli(argv:list[str]|None=None):
         reason = getattr(e, "reason", None) or e
         parser.exit(2, f"catsdogs_prepare: cannot download {settings.dataset_url}: {reason}. Without a network, "
                        "pass --data-dir DIR: a folder of photos with one subfolder per class (Cat/, Dog/)\n")
+    except ValueError as e: parser.exit(2, f"catsdogs_prepare: {e}\n")  # no usable image, no feedback store
     skipped = pd.read_csv(Path(out)/"skipped.csv")
     print(f"{len(prepared.manifest)} images, {len(skipped)} skipped -> {out}/manifest.csv (version {prepared.version[:12]})")
     print(pd.crosstab(prepared.manifest.label, prepared.manifest.split, margins=True).to_string())
+    if settings.feedback_dir is not None:
+        print("from feedback: " + ", ".join(f"{n} {k.removeprefix('feedback_')}" for k, n in prepared.feedback_counts().items()))
     if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
 
 
@@ -483,6 +515,52 @@ with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringI
 message = stderr.getvalue()
 assert "cannot download http://127.0.0.1:9/kagglecatsanddogs.zip: [Errno 111] Connection refused" in message and "--data-dir" in message
 print(message)
+
+# %% [markdown]
+# ### Corrections as a new dataset version
+#
+# The service's feedback store (or its export, `GET /admin/feedback.tar`, unpacked) is the
+# `--feedback-dir` of `catsdogs_prepare`. Each corrected photo joins the manifest with
+# `origin` `feedback`, its path absolute (inside the store) and its label the one a person
+# gave, the last one where a photo was corrected twice. It is then validated, grouped and split
+# like any other photo, so a corrected near-duplicate of a test photo lands in test beside its
+# twin, never in train, and one whose label contradicts its twin's drops the group (in
+# `skipped.csv`). A group draws its split by its dataset photos when it has any, so feedback
+# never moves a dataset photo to another split. "neither" photos stay in the manifest with that label: `PreparedData.split`
+# leaves them out of the cats and dogs unless asked (`labels=("neither",)`), and training
+# measures the open-set head on them. The dataset version (the manifest's sha256) changes
+# with every correction, and `dataset.json` counts what feedback brought.
+#
+# Here the loop on real photos of the sample: a user sends a smaller copy of a test-split dog
+# photo that the service called a cat, one of a cat it called a dog, and a photo of neither
+# (a noise image stands in where the outlier photos are absent):
+
+# %%
+test_dog = manifest[(manifest.split == "test") & (manifest.label == "dog")].path.iloc[0]
+smaller = io.BytesIO(); Image.open(data_dir/test_dog).convert("RGB").reduce(2).save(smaller, format="JPEG", quality=80)
+train_cat = manifest[(manifest.split == "train") & (manifest.label == "cat")].path.iloc[0]
+outliers = shared_sample("not-cats-dogs")
+noise = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(noise, format="JPEG")
+other = sorted(outliers.rglob("*.jpg"))[0].read_bytes() if outliers else noise.getvalue()
+feedback_dir = Path(tempfile.mkdtemp())/"feedback"
+store = FeedbackStore(FeedbackSettings(feedback_dir=feedback_dir))
+said = {"confidence": 0.6, "probabilities": {"cat": 0.6, "dog": 0.4}, "p_dog": 0.4, "p_cat_or_dog": 0.9}
+store.correct("a1", Answered(smaller.getvalue(), {**said, "label": "cat"}, "3f2c9a1b7d4e"), "dog")
+store.correct("a2", Answered((data_dir/train_cat).read_bytes(), {**said, "label": "dog"}, "3f2c9a1b7d4e"), "cat")
+store.correct("a3", Answered(other, {**said, "label": "cat"}, "3f2c9a1b7d4e"), "neither")
+store.close()
+with tempfile.TemporaryDirectory() as tmp:
+    merged = prepare(Settings(data_dir=data_dir, feedback_dir=feedback_dir), Path(tmp), progress=False)
+    counts = json.loads((Path(tmp)/"dataset.json").read_text())
+from_feedback = merged.manifest[merged.manifest.origin == "feedback"]
+test_eq(sorted(feedback_files(feedback_dir).label), ["cat", "dog", "neither"])
+twin_split = lambda path: merged.manifest[merged.manifest.group == from_feedback[from_feedback.path == path].group.iloc[0]].split.unique().tolist()
+test_eq(twin_split(from_feedback[from_feedback.label == "dog"].path.iloc[0]), ["test"])  # beside its twin, not in train
+test_eq(len(merged.split("test", labels=("neither",))) + len(merged.split("val", labels=("neither",))) + len(merged.split("train", labels=("neither",))), 1)
+test_eq(merged.version != prepared.version, True)
+before = manifest.set_index("path").split
+test_eq((merged.manifest[merged.manifest.origin == "dataset"].set_index("path").split == before.reindex(merged.manifest[merged.manifest.origin == "dataset"].path)).all(), True)
+from_feedback[["label", "split", "origin", "width", "height"]], {k: v for k, v in counts.items() if k.startswith("feedback")}
 
 # %% [markdown]
 # ## Training input: resized photos, a pixel cache, and augmentation on the device
@@ -604,11 +682,11 @@ folder.relative_to(cache_dir), f"{(folder/'pixels.u8').stat().st_size / 2**20:.0
 # %%
 #| export
 class ImageDataset(torch.utils.data.Dataset):
-    "Rows of a manifest as `(uint8 tensor (3, image_size, image_size), class index)`: each photo resized, then cropped at random (`train`) or in the centre."
+    "Rows of a manifest as `(uint8 tensor (3, image_size, image_size), class index)` (-1 for neither): each photo resized, then cropped at random (`train`) or in the centre."
     def __init__(self, rows:pd.DataFrame, photos:ResizedPhotos, train:bool=False):
         self.rel_paths, self.photos, self.train = rows.path.tolist(), photos, train
         self.paths = [photos.root/p for p in self.rel_paths]
-        self.targets = [CLASS_NAMES.index(label) for label in rows.label]
+        self.targets = [CLASS_NAMES.index(label) if label in CLASS_NAMES else -1 for label in rows.label]  # -1: neither
         self.crop = photos.preset.train_crop() if train else None
 
     def __len__(self): return len(self.paths)

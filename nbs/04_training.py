@@ -64,10 +64,10 @@ from tqdm import tqdm
 from catsdogs.config import DataSettings, ModelSettings, Settings, TrainingSettings, parse_settings, settings_parser
 from catsdogs.data import (BatchAugment, DeviceLoader, ImageDataset, PreparedData, ResizedPhotos, batch_normalize,
                            build_pixel_cache, load_prepared, prepare)
-from catsdogs.metrics import classification_metrics, save_figures
+from catsdogs.metrics import classification_metrics, drift_reference, save_figures
 from catsdogs.model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
 from catsdogs.engines import quantize_artifact
-from catsdogs.presets import CLASS_NAMES, ModelConfig, OpenSetConfig, Preset
+from catsdogs.presets import CLASS_NAMES, NEITHER, ModelConfig, OpenSetConfig, Preset
 
 # %%
 #| hide
@@ -587,6 +587,7 @@ def open_tracker(run:TrainingRun, prepared:PreparedData, enabled:bool=True, quic
     if tracker.enabled and run.state.run_id is None:
         tracker.log_params({**run.settings.model_dump(mode="json"), "world_size": run.world_size, "quick": quick,
                             "dataset_version": prepared.version, "device": str(run.device)})
+        tracker.log_params(prepared.feedback_counts())
         tracker.log_dataset(prepared)
     run.state.run_id = tracker.run_id
     return tracker
@@ -798,6 +799,22 @@ def test_metrics(model:CatsDogsNet, features:dict, settings:Settings) -> tuple[f
     metrics.update(_open_set_test_metrics(model, open_set, test_features, probs, test_targets.numpy()))
     return temperature, open_set, probs, metrics
 
+@torch.no_grad()
+def neither_metrics(model:CatsDogsNet, prepared:PreparedData, photos:ResizedPhotos, settings:Settings, open_set:OpenSetConfig) -> dict:
+    "The open-set head on the photos of neither that feedback brought (every split: none was used to fit it): how many, the share refused."
+    rows = pd.concat([prepared.split(s, labels=(NEITHER,)) for s in ("train", "val", "test")], ignore_index=True)
+    if rows.empty: return {}
+    cpu = torch.device("cpu")
+    features, _ = predict_logits(model.backbone, make_loader(rows, photos, settings, cpu), cpu, autocast=False)
+    refused = open_set.probability(model.open_set(features).numpy()) < open_set.threshold
+    return {"feedback_neither_refused": float(refused.mean()), "n_feedback_neither": int(len(rows))}
+
+@torch.no_grad()
+def validation_drift_reference(model:CatsDogsNet, val_features:torch.Tensor, temperature:float, open_set:OpenSetConfig) -> dict:
+    "The drift reference (see the metrics notebook) of the validation split's answers: top cat/dog probability and `p_cat_or_dog`."
+    confidence = torch.softmax(model.head(val_features) / temperature, 1).max(1).values.numpy()
+    return drift_reference({"confidence": confidence, "p_cat_or_dog": open_set.probability(model.open_set(val_features).numpy())})
+
 def _log_artifact(tracker:Tracker, model:CatsDogsNet, out:Path, example:torch.Tensor, metrics:dict, config:ModelConfig):
     "Log the test metrics, figures, the whole artifact (what `models:/` URIs serve) and the registered model."
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()})
@@ -819,9 +836,12 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:Res
     features = split_features(model, rows, photos, s, run.device, progress)
     model = model.cpu().eval()
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
+    metrics.update(neither_metrics(model, prepared, photos, s, open_set))
     test_targets, test_paths = features["test"][1].numpy(), features["test"][2]
     save_figures(out/"figures", probs, test_targets, test_paths, CLASS_NAMES, history=run.state.history)
-    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, temperature=temperature, open_set=open_set, dataset_version=prepared.version, metrics=metrics)
+    config = config_for_backbone(s.architecture, s.image_size, s.crop_fraction, temperature=temperature, open_set=open_set,
+                                 dataset_version=prepared.version, metrics=metrics,
+                                 drift_reference=validation_drift_reference(model, features["val"][0], temperature, open_set))
     preset = Preset.from_config(config)
     example = torch.from_numpy(preset.stack(test_paths[:2]))
     val_paths = features["val"][2]
@@ -838,14 +858,21 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:Res
 
 # %% [markdown]
 # The finishing steps on the demo run's best weights: the features of each split, then the
-# temperature, the open-set head and the test metrics, then `finish`, which does both again
-# and draws, exports and logs:
+# temperature, the open-set head and the test metrics, the validation answers' drift reference
+# (which the service measures its recent answers against), then `finish`, which does all that
+# again and draws, exports and logs:
 
 # %%
 demo_model.load_state_dict(demo_run.state.best_state)
 demo_features = split_features(demo_model, demo_rows, demo_photos, demo_run.settings, cpu, progress=False)
 temperature, open_set, probs, metrics = test_metrics(demo_model.cpu().eval(), demo_features, demo_run.settings)
 test_eq(probs.shape, (len(demo_rows["test"]), 2))
+reference = validation_drift_reference(demo_model, demo_features["val"][0], temperature, open_set)
+test_eq(sorted(reference), ["confidence", "p_cat_or_dog"])
+test_close(sum(reference["p_cat_or_dog"]["shares"]), 1.0, eps=1e-9)
+test_eq(neither_metrics(demo_model, demo_prepared, demo_photos, demo_run.settings, open_set), {})  # no feedback: no photos of neither
+relabelled = demo_prepared.manifest.assign(label=lambda m: np.where(m.index >= len(m) - 3, NEITHER, m.label))  # as if feedback said so
+neither_metrics(demo_model, PreparedData(relabelled, demo_prepared.root, demo_prepared.version), demo_photos, demo_run.settings, open_set)
 with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as finish_lines:
     demo_run.settings.model_dir = Path(tmp)/"model"
     demo_result = finish(demo_run, demo_model, demo_prepared, demo_photos, demo_rows, demo_tracker, progress=False)
@@ -959,7 +986,7 @@ if outlier_paths:
 def train_cli(argv:list[str]|None=None):
     "Console script `catsdogs_train` (also under `torchrun --no-python catsdogs_train ...` for DDP)."
     parser = settings_parser("Train the cats-vs-dogs classifier and write a model artifact.",
-                             [DataSettings, ModelSettings, TrainingSettings], aliases={"--output": "model_dir"})
+                             [DataSettings, ModelSettings, TrainingSettings, "feedback_dir"], aliases={"--output": "model_dir"})
     parser.add_argument("--prepared", type=Path,
                         help="A folder written by catsdogs_prepare (default: prepare --data-dir into MODEL_DIR/data)")
     parser.add_argument("--resume", action="store_true",

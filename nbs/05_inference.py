@@ -46,7 +46,7 @@ from PIL import Image
 
 from catsdogs.config import MODEL_SOURCE, DataSettings, InferenceSettings, ModelSettings, Settings, parse_settings, settings_parser
 from catsdogs.engines import default_threads, load_engine, softmax
-from catsdogs.presets import CLASS_NAMES, ImageError, ModelConfig, OpenSetConfig, Preset, load_image
+from catsdogs.presets import CLASS_NAMES, NEITHER, ImageError, ModelConfig, OpenSetConfig, Preset, load_image
 
 # %%
 #| hide
@@ -84,13 +84,12 @@ config = ModelConfig.load(artifact/"model_config.json")
 preset = Preset.from_config(config)
 sorted(p.name for p in artifact.iterdir())
 
+
 # %% [markdown]
 # ## One prediction
 
 # %%
 #| export
-NEITHER = "neither"
-
 @dataclass
 class Explanation:
     "Where an answer comes from: each cell's evidence for `label`, on a grid over the part of the photo the model saw."
@@ -109,6 +108,7 @@ class Prediction:
     p_dog: float
     p_cat_or_dog: float|None = None # Probability that the photo shows a cat or a dog at all; None: closed set
     explanation: Explanation|None = None # Where the answer comes from, when asked for (`predict_batch(explain=True)`)
+    views_agree: bool|None = None # Under flip TTA: whether the photo and its mirror got the same answer; None: no TTA
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -269,8 +269,8 @@ class Predictor:
         img = self.preset.load(source, max_pixels=max_pixels or self.max_pixels)
         return self.preset.eval_array(img), (img.info.get("original_size", img.size), self.preset.eval_box(img.size))
 
-    def _forward(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None, np.ndarray|None]:
-        "Probabilities, the open-set score (None: closed set) and the heat maps (None: none in the graph), averaged with the mirror under TTA."
+    def _forward(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None, np.ndarray|None, np.ndarray|None]:
+        "Probabilities, the open-set score (None: closed set), the heat maps (None: none in the graph), averaged with the mirror under TTA, and whether the mirror's answer agreed (None: no TTA)."
         x = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
         n = len(x)
         if self.tta: x = np.ascontiguousarray(np.concatenate([x, x[..., ::-1]]))
@@ -281,15 +281,20 @@ class Predictor:
         if maps is not None and len(outputs) != 2 + (self.config.open_set is not None):  # an engine file without the maps
             logger.warning("%s has no maps output: answers come without heat maps", self.run.name)
             self.heat_maps, maps = False, None
+        agree = None
         if self.tta:  # probabilities averaged, the open-set score too (before the sigmoid, the scale its threshold was set on)
+            agree = probs[:n].argmax(1) == probs[n:].argmax(1)
+            if score is not None and self.threshold is not None:
+                kept = self.open_set.probability(score) >= self.threshold
+                agree &= kept[:n] == kept[n:]
             probs = (probs[:n] + probs[n:]) / 2
             if score is not None: score = (score[:n] + score[n:]) / 2
             if maps is not None: maps = (maps[:n] + maps[n:, ..., ::-1]) / 2  # the mirror's maps, mirrored back
-        return probs, score, maps
+        return probs, score, maps, agree
 
     def scores(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
         "Calibrated class probabilities `(N, classes)` and `p_cat_or_dog` `(N,)` (None when closed-set), averaged with the mirror under TTA."
-        probs, score, _ = self._forward(batch)
+        probs, score, _, _ = self._forward(batch)
         return probs, None if score is None else self.open_set.probability(score)
 
     def probabilities(self, batch:np.ndarray) -> np.ndarray:
@@ -300,9 +305,11 @@ class Predictor:
                        places:Sequence[tuple]|None=None, # Each image's (photo size, eval box): explain the answers
                        ) -> list[Prediction]:
         "One `Prediction` per preprocessed image in `batch` (`(N, 3, H, W)` float32): the forward pass and the answers."
-        probs, score, maps = self._forward(batch)
+        probs, score, maps, agree = self._forward(batch)
         p_any = None if score is None else self.open_set.probability(score)
         answers = to_predictions(probs, self.config.class_names, p_any, self.threshold if self.threshold is not None else 0.5)
+        if agree is not None:
+            for answer, same in zip(answers, agree): answer.views_agree = bool(same)
         if places is not None and maps is not None:
             grids, pet_grids = evidence_grids(maps, [a.label for a in answers], self.config.temperature,
                                               self.open_set if score is not None else None, self.threshold)
@@ -490,6 +497,16 @@ plain = Predictor(artifact, InferenceSettings(backend="onnx"))
 test_close(tta.probabilities(x), (plain.probabilities(x) + plain.probabilities(np.ascontiguousarray(x[..., ::-1]))) / 2, eps=1e-6)
 symmetric = np.ones((1, 3, 96, 96), dtype=np.float32)
 test_close(tta.probabilities(symmetric), plain.probabilities(symmetric), eps=1e-6)
+
+# %% [markdown]
+# Under TTA each answer also says whether the photo and its mirror got the same answer
+# (`views_agree`); the service's review queue counts a disagreement as the most doubtful kind
+# of answer (see the feedback notebook):
+
+# %%
+test_eq(plain.predict(dog_jpg).views_agree, None)
+test_eq(tta.predict_arrays(symmetric)[0].views_agree, True)  # its own mirror: the same answer
+tta.predict(dog_jpg).views_agree
 
 # %% [markdown]
 # ## Heat maps

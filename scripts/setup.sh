@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent setup: system packages (Chromium for the browser test), a virtual
+# Idempotent setup: system packages (Chromium for the browser test, Prometheus for the drift test), a virtual
 # environment in .venv, and catsdogs installed in it (editable, with the dev extras).
 # Usage: bash scripts/setup.sh            (sourcing it also activates the venv)
 set -euo pipefail
@@ -8,14 +8,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 need_apt=()
 
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || command -v chromium >/dev/null || need_apt+=(chromium)  # CHROMIUM: another browser binary
+command -v prometheus >/dev/null || need_apt+=(prometheus)  # the drift test scrapes the service with a real Prometheus; promtool checks the alert rules
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then
     echo "setup: installing ${need_apt[*]}"
     { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null; } ||
-      echo "setup: could not install ${need_apt[*]}; the browser test needs Chromium" >&2
+      echo "setup: could not install ${need_apt[*]}; the browser test needs Chromium, the drift test Prometheus" >&2
   else
-    echo "setup: please install ${need_apt[*]} (Chromium runs the browser test)" >&2
+    echo "setup: please install ${need_apt[*]} (Chromium runs the browser test, Prometheus the drift test)" >&2
   fi
 fi
 

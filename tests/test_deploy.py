@@ -145,3 +145,37 @@ def test_workflows_run_the_readme_commands():
     assert runs["test.yaml"] == ["bash scripts/test.sh"]
     assert runs["deploy.yaml"] == ["bash scripts/docs.sh"]
     assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_alert_rules_and_dashboard_use_the_metrics_the_service_exports(tmp_path):
+    """Every metric the Prometheus alert rules and the Grafana dashboard query is one the service's /metrics has (after one
+    answer, with a drift reference), and promtool refuses a broken rule file."""
+    import numpy as np
+    import shutil as sh
+    from catsdogs.metrics import drift_reference
+    from catsdogs.presets import ModelConfig, sample_photos
+    from helpers_serving import demo_artifact
+    model = tmp_path / "model"
+    sh.copytree(demo_artifact(), model)
+    config = ModelConfig.load(model / "model_config.json")
+    config.drift_reference = drift_reference({"confidence": np.linspace(0.5, 1, 50), "p_cat_or_dog": np.linspace(0, 1, 50)})
+    config.save(model / "model_config.json")
+    with TestClient(create_app(Settings(model_dir=model, backend="onnx"))) as client:
+        photo = sample_photos("cat", 1)[0]
+        client.post("/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+        page = client.get("/metrics").text
+    suffixes = {"counter": ["", "_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""], "info": ["_info"]}
+    declared = [line.split()[2:4] for line in page.splitlines() if line.startswith("# TYPE ")]  # labelled series appear once used
+    exported = {name + suffix for name, kind in declared for suffix in suffixes[kind]}
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yaml").read_text())
+    expressions = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "catsdogs.json").read_text())
+    expressions += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    expressions += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    used = {m for expr in expressions for m in re.findall(r"\b(catsdogs_[a-z_]+)", expr)}
+    assert used and used <= exported, used - exported
+    assert {"catsdogs_drift_psi", "catsdogs_window_neither_share"} <= used
+    if shutil.which("promtool") is None: pytest.skip("needs promtool (Debian's prometheus package)")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: catsdogs_drift_psi >\n")
+    assert subprocess.run(["promtool", "check", "rules", str(broken)], capture_output=True).returncode != 0

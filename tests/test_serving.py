@@ -111,7 +111,7 @@ def test_predict_real_photos_matches_the_predictor(http, photos, predictor):
         r = upload(http, path.name, path.read_bytes(), "image/jpeg")
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"label", "confidence", "probabilities", "p_dog", "p_cat_or_dog", "explanation", "model_version"}
+        assert set(body) == {"id", "label", "confidence", "probabilities", "p_dog", "p_cat_or_dog", "explanation", "model_version"}
         assert body["explanation"] is None  # only with explain=true
         assert set(body["probabilities"]) == {"cat", "dog"} and body["model_version"] == predictor.model_version
         assert abs(body["p_dog"] - predictor.predict(path).p_dog) < 1e-5

@@ -115,3 +115,45 @@ def test_page_shows_the_heat_map_over_the_photo(browser, open_set_model, unseen_
         toggle.click()
         assert card.locator(".why").is_hidden()
         page.close()
+
+
+def test_page_sends_a_correction_and_the_review_page_labels_a_photo(browser, sample_dir, tmp_path):
+    """On the page: a photo's answer, then "Wrong? It is ..." clicked, and the correction is in the store. On /review (HTTP
+    Basic with the admin token, as a browser sends it): the queued photos, one labelled with a click."""
+    from catsdogs.feedback import FeedbackStore
+    folder = tmp_path / "store"
+    settings = Settings(model_dir=demo_artifact("small_cnn"), backend="onnx", feedback_dir=folder, admin_token="s3cret",
+                        review_margin=100.0)  # an untrained model: every answer is doubtful, so each photo is queued
+    cat, dog = sample_images(sample_dir, "cat", 1)[0], sample_images(sample_dir, "dog", 1)[0]
+    with run_server(create_app(settings)) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('onnx')")  # /ready read: feedback is on
+        page.set_input_files("#files", [str(cat)])
+        card = page.locator(f'article.card[data-name="{cat.name}"]')
+        card.locator(".feedback button").first.wait_for(timeout=20_000)
+        answered = card.get_attribute("data-label")
+        choices = card.locator(".feedback button").evaluate_all("bs => bs.map(b => b.dataset.label)")
+        assert answered not in choices and len(choices) == 2
+        card.locator('.feedback button[data-label="neither"]' if answered != "neither" else '.feedback button[data-label="cat"]').click()
+        card.locator(".feedback .thanks").wait_for(timeout=20_000)
+        assert card.locator(".feedback .thanks").inner_text().startswith("Thanks: saved as")
+        page.close()
+        httpx.post(url + "/predict", files={"file": (dog.name, dog.read_bytes(), "image/jpeg")})  # queued for review
+
+        context = browser.new_context(http_credentials={"username": "reviewer", "password": "s3cret"})
+        review = context.new_page()
+        review.goto(url + "/review")
+        item = review.locator("article.item").first
+        item.wait_for(timeout=20_000)
+        sha = item.get_attribute("data-sha256")
+        review.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=item.locator("img").element_handle())
+        item.locator('button[data-label="dog"]').click()
+        item.locator(".status").filter(has_text="Labelled dog").wait_for(timeout=20_000)
+        context.close()
+        store = FeedbackStore(Settings(feedback_dir=folder))
+        corrections = {c["sha256"]: c for c in store.corrections()}
+        store.close()
+    import hashlib
+    assert corrections[hashlib.sha256(cat.read_bytes()).hexdigest()]["source"] == "feedback"
+    assert (corrections[sha]["label"], corrections[sha]["source"]) == ("dog", "review")
