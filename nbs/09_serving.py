@@ -22,7 +22,7 @@
 # | `POST /admin/reload` | `ReloadOut`; 401/404/409 `ErrorOut` | load the model again (a `models:/NAME@ALIAS` follows its alias); needs `admin_token` |
 # | `POST /feedback` | `FeedbackOut` (201); 4xx `ErrorOut` | correct an answer by its `id`: `{"id", "label", "note"}` (with `feedback_dir`) |
 # | `GET /review` | HTML | the review page: the most doubtful photos, labelled with one click (admin token) |
-# | `GET /review/items` | `ReviewOut` | the review queue, most doubtful first (admin token) |
+# | `GET /review/items` | `ReviewOut` | the review queue, most doubtful first; `explain=true` adds each photo's heat map (admin token) |
 # | `GET /review/photos/{sha256}` | the photo | a photo of the feedback store (admin token) |
 # | `POST /review/{sha256}` | `FeedbackOut` (201) | label a queued photo: `{"label"}` (admin token) |
 # | `GET /admin/feedback.tar` | tar archive | the whole feedback store, for `catsdogs_prepare --feedback-dir` (admin token) |
@@ -332,6 +332,8 @@ class ReviewItemOut(BaseModel):
     model_version: str
     answered_at: float = Field(description="When it was answered (Unix time)")
     photo: str = Field(description="Where the photo is (GET, with the admin token)")
+    explanation: ExplanationOut|None = Field(None, description="With `explain=true`: the heat map of the model served now (which may "
+                                                               "not be the one that answered)")
 
 class ReviewOut(BaseModel):
     "`/review/items`: the queue, most doubtful first."
@@ -752,15 +754,23 @@ def review_page(request:Request, service:ServiceDep, settings:SettingsDep, autho
     return request.app.state.review_page
 
 @router.get("/review/items", responses=_errors(401, 404, text=_ADMIN_ERRORS))
-def review_items(request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None,
-                 limit:Annotated[int, Query(ge=1, le=500, description="Most items")]=100) -> ReviewOut:
-    "The review queue, most doubtful first (admin token)."
+async def review_items(request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None,
+                       limit:Annotated[int, Query(ge=1, le=500, description="Most items")]=100,
+                       explain:Annotated[bool, Query(description="Add the heat map of the model served now to each item")]=False) -> ReviewOut:
+    "The review queue, most doubtful first (admin token); with `explain=true`, each photo's heat map from the served model."
     store = _reviewer(service, settings, authorization)
+    queued = await anyio.to_thread.run_sync(store.review_items, limit)
+    maps = [None] * len(queued)
+    if explain and service.predictor.heat_maps and queued:  # straight to the predictor: no answer, no metrics, no drift window
+        predictor = service.predictor
+        answers = await anyio.to_thread.run_sync(lambda: predictor.predict_batch([i["path"] for i in queued], settings.max_batch_size,
+                                                                                 settings.max_image_pixels, explain=True))
+        maps = [await service._explained(a.explanation) if isinstance(a, Prediction) and a.explanation else None for a in answers]
     items = [ReviewItemOut(sha256=i["sha256"], id=i["id"], label=i["answer"]["label"], confidence=i["answer"]["confidence"],
                            p_dog=i["answer"]["p_dog"], p_cat_or_dog=i["answer"].get("p_cat_or_dog"), margin=i["margin"],
                            model_version=i["model_version"], answered_at=i["answered_at"],
-                           photo=str(request.url_for("review_photo", sha256=i["sha256"]).path))
-             for i in store.review_items(limit)]
+                           photo=str(request.url_for("review_photo", sha256=i["sha256"]).path), explanation=why)
+             for i, why in zip(queued, maps)]
     return ReviewOut(items=items, waiting=store.waiting())
 
 @router.get("/review/photos/{sha256}", response_class=FileResponse, responses=_errors(401, 404, text=_ADMIN_ERRORS))
@@ -953,9 +963,10 @@ test_eq((not_ready.status_code, not_ready.json()), (503, {"detail": "the model i
 # under the answer's `id`, and `POST /feedback` stores a correction of it durably before it
 # answers 201 (see the feedback notebook for the store and its guarantees). Answers whose
 # margin is below `review_margin` also put their photo in the review queue, which `/review`
-# shows to whoever holds the admin token. A browser sends the token as the password of HTTP
-# Basic authentication (any user name), which it asks for on the first visit; scripts send
-# `Authorization: Bearer TOKEN`. Without `feedback_dir`, nothing is kept and these routes
+# shows to whoever holds the admin token, each photo with the served model's heat map
+# (computed by the predictor directly: it is no answer, and counts in no metric). A browser
+# sends the token as the password of HTTP Basic authentication (any user name), which it asks
+# for on the first visit; scripts send `Authorization: Bearer TOKEN`. Without `feedback_dir`, nothing is kept and these routes
 # answer 404.
 #
 # Corrections are limited per client address (`feedback_per_minute`, then 429 with
@@ -999,6 +1010,8 @@ with TestClient(create_app(feedback_settings)) as client:
     client.post("/predict", files={"file": ("dog.jpg", dog_jpg.read_bytes(), "image/jpeg")})
     test_eq("Review" in client.get(app.url_path_for("review_page"), headers=admin).text, True)
     waiting = client.get(app.url_path_for("review_items"), headers=admin).json()["items"]
+    explained = client.get(app.url_path_for("review_items"), params={"explain": True}, headers=admin).json()["items"]
+    test_eq((waiting[0]["explanation"], explained[0]["explanation"]["size"]), (None, list(Image.open(dog_jpg).size)))
     photo = client.get(app.url_path_for("review_photo", sha256=waiting[0]["sha256"]), headers=admin)
     test_eq((photo.content, waiting[0]["photo"]), (dog_jpg.read_bytes(), app.url_path_for("review_photo", sha256=waiting[0]["sha256"])))
     label_url = app.url_path_for("review_label", sha256=waiting[0]["sha256"])

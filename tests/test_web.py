@@ -147,7 +147,13 @@ def test_page_sends_a_correction_and_the_review_page_labels_a_photo(browser, sam
         item = review.locator("article.item").first
         item.wait_for(timeout=20_000)
         sha = item.get_attribute("data-sha256")
-        review.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=item.locator("img").element_handle())
+        review.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=item.locator("img.photo").element_handle())
+        overlay = item.locator("img.overlay")  # the served model's heat map over the photo, the photo's size
+        review.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
+        assert overlay.evaluate("img => img.naturalWidth") == item.locator("img.photo").evaluate("img => img.naturalWidth")
+        assert item.locator("img.photo").bounding_box() == overlay.bounding_box()
+        item.locator(".heat-toggle input").uncheck()
+        assert overlay.is_hidden()
         item.locator('button[data-label="dog"]').click()
         item.locator(".status").filter(has_text="Labelled dog").wait_for(timeout=20_000)
         context.close()
