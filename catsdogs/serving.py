@@ -226,6 +226,8 @@ class ReviewItemOut(BaseModel):
     model_version: str
     answered_at: float = Field(description="When it was answered (Unix time)")
     photo: str = Field(description="Where the photo is (GET, with the admin token)")
+    explanation: ExplanationOut|None = Field(None, description="With `explain=true`: the heat map of the model served now (which may "
+                                                               "not be the one that answered)")
 
 class ReviewOut(BaseModel):
     "`/review/items`: the queue, most doubtful first."
@@ -582,15 +584,23 @@ def review_page(request:Request, service:ServiceDep, settings:SettingsDep, autho
     return request.app.state.review_page
 
 @router.get("/review/items", responses=_errors(401, 404, text=_ADMIN_ERRORS))
-def review_items(request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None,
-                 limit:Annotated[int, Query(ge=1, le=500, description="Most items")]=100) -> ReviewOut:
-    "The review queue, most doubtful first (admin token)."
+async def review_items(request:Request, service:ServiceDep, settings:SettingsDep, authorization:AdminAuth=None,
+                       limit:Annotated[int, Query(ge=1, le=500, description="Most items")]=100,
+                       explain:Annotated[bool, Query(description="Add the heat map of the model served now to each item")]=False) -> ReviewOut:
+    "The review queue, most doubtful first (admin token); with `explain=true`, each photo's heat map from the served model."
     store = _reviewer(service, settings, authorization)
+    queued = await anyio.to_thread.run_sync(store.review_items, limit)
+    maps = [None] * len(queued)
+    if explain and service.predictor.heat_maps and queued:  # straight to the predictor: no answer, no metrics, no drift window
+        predictor = service.predictor
+        answers = await anyio.to_thread.run_sync(lambda: predictor.predict_batch([i["path"] for i in queued], settings.max_batch_size,
+                                                                                 settings.max_image_pixels, explain=True))
+        maps = [await service._explained(a.explanation) if isinstance(a, Prediction) and a.explanation else None for a in answers]
     items = [ReviewItemOut(sha256=i["sha256"], id=i["id"], label=i["answer"]["label"], confidence=i["answer"]["confidence"],
                            p_dog=i["answer"]["p_dog"], p_cat_or_dog=i["answer"].get("p_cat_or_dog"), margin=i["margin"],
                            model_version=i["model_version"], answered_at=i["answered_at"],
-                           photo=str(request.url_for("review_photo", sha256=i["sha256"]).path))
-             for i in store.review_items(limit)]
+                           photo=str(request.url_for("review_photo", sha256=i["sha256"]).path), explanation=why)
+             for i, why in zip(queued, maps)]
     return ReviewOut(items=items, waiting=store.waiting())
 
 @router.get("/review/photos/{sha256}", response_class=FileResponse, responses=_errors(401, 404, text=_ADMIN_ERRORS))
