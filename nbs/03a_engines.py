@@ -502,19 +502,21 @@ engine, engine.timings
 #   orders of magnitude; one scale per tensor flattens the small ones to zero;
 # - **u8 activations, s8 weights**: the pair x86 CPUs multiply fastest (`VPMADDUBSW`, and
 #   VNNI's `VPDPBUSD`);
-# - **weights in 7 bits** (`reduce_range`): a CPU without VNNI sums pairs of u8 x s8 products
-#   in 16 bits, which saturates with full 8-bit weights. On such a CPU (AMD EPYC, AVX2 only)
-#   full-range weights lost 2.4 points of validation accuracy with either engine; 7-bit
-#   weights kept it within one photo of f32, at the same speed on CPUs with VNNI;
+# - **full 8-bit weights**: with weights in 7 bits (`reduce_range`), the int8 model of the
+#   sample's training run lost a point of validation accuracy and eight times f32's log
+#   loss; with 8 bits it kept f32's accuracy and log loss and agreed on every label
+#   (`benchmarks/bench_int8_recipes.py` prints both). A CPU without VNNI sums pairs of
+#   u8 x s8 products in 16 bits, which full-range weights can saturate; there the check below
+#   (each serving machine compares int8 with f32 on the check photos) refuses the int8 engine
+#   and `auto` serves f32;
 # - **MinMax calibration** on a few hundred training photos;
 # - **every node quantized but the heat maps'**: the backbone, both heads and the open-set
 #   score run in int8; the nodes that only the `maps` output needs (`maps_only_nodes`) stay
 #   float32. They are a few small matrix products, and their masks hold `-inf`, which no
 #   int8 range can represent.
 #
-# An artifact is trained on one machine and served on others, so the recipe must hold on
-# CPUs with and without VNNI; and each serving machine still checks the engine on the check
-# photos before `auto` may pick it.
+# An artifact is trained on one machine and served on others, so each serving machine checks
+# the int8 engine on the check photos before `auto` may pick it.
 #
 # `quantize_artifact` writes `model.int8.onnx` and measures it against f32 on the whole
 # validation split (accuracy, log loss, agreement of the labels, the share of cats and dogs
@@ -548,8 +550,9 @@ def maps_only_nodes(model_path:Path) -> list[str]:
     return [node.name for node in graph.node if node.name not in needed]
 
 def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
-                  calibration:Sequence[Path]) -> Path: # Training photos whose activation ranges set the scales
-    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel 7-bit s8 weights, u8 activations, MinMax ranges, the heat maps in float."
+                  calibration:Sequence[Path], # Training photos whose activation ranges set the scales
+                  reduce_range:bool=False) -> Path: # Weights in 7 bits instead of 8 (compared in bench_int8_recipes.py)
+    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel s8 weights, u8 activations, MinMax ranges, the heat maps in float."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     model_dir = Path(model_dir)
@@ -561,7 +564,7 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
         with tempfile.TemporaryDirectory() as tmp, np.errstate(invalid="ignore"):
             quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
-                            per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=maps_only_nodes(f"{tmp}/pre.onnx"))
             os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
     finally: quiet.setLevel(level)
@@ -614,7 +617,7 @@ def measure_int8(model_dir:Path, # An artifact with `model.onnx` and `model.int8
     int8, p8 = _figures(make_runner("onnx", model_dir, precision="int8"), batches, targets, config)
     return {"f32": f32, "int8": int8, "n_images": len(targets), "labels_agree": float((p32.argmax(1) == p8.argmax(1)).mean()),
             "max_probability_difference": float(np.abs(p32 - p8).max()),
-            "method": "static QDQ, per-channel 7-bit s8 weights, u8 activations, MinMax"}
+            "method": "static QDQ, per-channel s8 weights, u8 activations, MinMax"}
 
 def quantize_artifact(model_dir:Path, # An artifact with `model.onnx`
                       train_paths:Sequence[Path], # Training photos; the first `int8_calibration_images` calibrate
