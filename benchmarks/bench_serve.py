@@ -12,7 +12,7 @@ subprocess, posts real JPEGs from ../shared/data/PetImages-mini at each concurre
 mean batch size, and the server's resident memory idle (ready, before any request) and at its
 peak after the load. Targets: at concurrency 8, >= 85% of the fastest ceiling with zero errors;
 at concurrency 1, p50 <= 1.5x one image in-process; RSS <= 350 MB idle and <= 450 MB after load.
-Client and server share the machine, so the figures include the client's own CPU use and
+Client and server share the machine, so the figures include the client's own CPU use (printed per request) and
 anything else running.
 """
 import argparse
@@ -167,11 +167,13 @@ def images_and_batches(port: int) -> tuple[float, float]:
 
 
 def measure(port: int, pid: int, images, concurrency: int, max_requests: int, max_seconds: float, path: str = "/predict") -> dict:
-    "One load level, with the mean batch size the server formed and its CPU time per request (ms) during it (one worker)."
+    "One load level, with the mean batch size the server formed, its CPU time per request (ms) during it (one worker) and the client's."
     images_before, passes_before = images_and_batches(port)
-    cpu_before = cpu_seconds(pid)
+    cpu_before, client_before = cpu_seconds(pid), time.process_time()
     result = asyncio.run(load_test(port, images, concurrency, max_requests, max_seconds, path=path))
-    result["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu_before) / max(1, result["requests"] + result["errors"])
+    answered = max(1, result["requests"] + result["errors"])
+    result["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu_before) / answered
+    result["client_cpu_ms"] = 1000 * (time.process_time() - client_before) / answered
     images_after, passes_after = images_and_batches(port)
     result["mean_batch"] = (images_after - images_before) / max(1, passes_after - passes_before)
     return result
@@ -223,10 +225,10 @@ def main(argv=None):
           f"(peak {peak_rss:.0f} MB, at start-up while auto compares the engines)")
 
     served = next((c for c in ceilings if (c["backend"], c["precision"]) == (ready["backend"], ready["precision"])), ref)
-    print(f"\n{'conc':>5} {'requests':>8} {'req/s':>8} {'% ceil':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'CPU ms/req':>10}")
+    print(f"\n{'conc':>5} {'requests':>8} {'req/s':>8} {'% ceil':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} {'CPU ms/req':>10} {'client CPU':>10}")
     for r in results:
         print(f"{r['concurrency']:>5} {r['requests']:>8} {r['rps']:>8.1f} {100 * r['rps'] / ref['ceiling_rps']:>6.0f}% "
-              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6} {r['mean_batch']:>6.1f} {r['cpu_ms']:>10.1f}")
+              f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6} {r['mean_batch']:>6.1f} {r['cpu_ms']:>10.1f} {r['client_cpu_ms']:>10.2f}")
     print(f"(in-process CPU per image of the served engine {served['backend']}/{served['precision']}: {served['cpu_ms']:.1f} ms)")
     by_c = {r["concurrency"]: r for r in results}
     ok = True

@@ -22,10 +22,11 @@ from .config import InferenceSettings, TrainingSettings
 from .presets import ModelConfig, OpenSetConfig, Preset
 
 # %% auto #0
-__all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'softmax', 'default_threads',
-           'openvino_core', 'openvino_precisions', 'engine_file', 'make_runner', 'calibration_images', 'check_batch',
-           'choose_backend', 'Engine', 'int8_rejection', 'engine_candidates', 'load_engine', 'maps_only_nodes',
-           'quantize_int8', 'measure_int8', 'quantize_artifact']
+__all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'INT8_METHOD', 'softmax',
+           'default_threads', 'openvino_core', 'openvino_precisions', 'engine_file', 'make_runner',
+           'calibration_images', 'check_batch', 'choose_backend', 'Engine', 'int8_rejection', 'engine_candidates',
+           'load_engine', 'maps_only_nodes', 'int8_float_nodes', 'quantize_int8', 'measure_int8', 'calibration_photos',
+           'quantize_artifact']
 
 # %% ../nbs/03a_engines.ipynb #c075a21e
 logger = logging.getLogger("catsdogs.engines")
@@ -227,16 +228,20 @@ class Engine:
     def __call__(self, x:np.ndarray) -> tuple: return self.run(x)
     def __repr__(self): return f"Engine({self.name})"
 
-def int8_rejection(config:ModelConfig, settings:InferenceSettings) -> str|None:
-    "Why `auto` must not serve the artifact's int8 model (no measurement, or beyond the settings' tolerance), or None."
+def int8_rejection(config:ModelConfig, settings:InferenceSettings,
+                   backend:str="onnx") -> str|None: # The engine that would run it
+    "Why `auto` must not serve the artifact's int8 model on `backend` (not measured there, or beyond the settings' tolerance), or None."
     report = config.int8
     if not report: return "the artifact has no int8 measurement (quantize it with scripts/quantize_model.py)"
-    drop = report["f32"]["accuracy"] - report["int8"]["accuracy"]
+    if backend not in report: return f"the artifact has no int8 measurement on {backend} (quantize it again with scripts/quantize_model.py)"
+    f32, int8 = report["f32"], report[backend]["int8"]
+    drop = f32["accuracy"] - int8["accuracy"]
     if drop > settings.int8_max_accuracy_drop:
-        return f"its validation accuracy is {drop:.2%} below f32 (tolerance {settings.int8_max_accuracy_drop:.2%})"
-    kept_drop = report["f32"].get("open_set_kept", 1.0) - report["int8"].get("open_set_kept", 1.0)
+        return f"its validation accuracy on {backend} is {drop:.2%} below f32 (tolerance {settings.int8_max_accuracy_drop:.2%})"
+    kept_drop = f32.get("open_set_kept", 1.0) - int8.get("open_set_kept", 1.0)
     if kept_drop > settings.int8_max_open_set_drop:
-        return f"it keeps {kept_drop:.2%} fewer validation cats and dogs at the 'neither' threshold (tolerance {settings.int8_max_open_set_drop:.2%})"
+        return (f"on {backend} it keeps {kept_drop:.2%} fewer validation cats and dogs at the 'neither' threshold "
+                f"(tolerance {settings.int8_max_open_set_drop:.2%})")
     return None
 
 def engine_candidates(model_dir:Path, config:ModelConfig, settings:InferenceSettings) -> list[tuple[str, str]]:
@@ -247,18 +252,18 @@ def engine_candidates(model_dir:Path, config:ModelConfig, settings:InferenceSett
     for b in backends:
         for p in precisions:
             if p == "bf16" and (b != "openvino" or (settings.precision == "auto" and p not in _openvino_precisions_or_none())): continue
-            if p == "int8" and (b not in AUTO_BACKENDS or (settings.precision == "auto" and not _int8_allowed(model_dir, config, settings))):
+            if p == "int8" and (b not in AUTO_BACKENDS or (settings.precision == "auto" and not _int8_allowed(model_dir, config, settings, b))):
                 continue
             out.append((b, p))
     if not out: raise ValueError(f"no backend runs {settings.precision} with --backend {settings.backend}: "
                                  "bf16 needs openvino, int8 needs onnx or openvino")
     return out
 
-def _int8_allowed(model_dir:Path, config:ModelConfig, settings:InferenceSettings) -> bool:
-    "Whether `auto` may consider int8 (the file is there and its stored figures are within tolerance); logs why not."
+def _int8_allowed(model_dir:Path, config:ModelConfig, settings:InferenceSettings, backend:str) -> bool:
+    "Whether `auto` may consider int8 on `backend` (the file is there and its stored figures are within tolerance); logs why not."
     if not (Path(model_dir)/INT8_FILE).is_file(): return False
-    reason = int8_rejection(config, settings)
-    if reason: logger.warning("int8 not considered: %s", reason)
+    reason = int8_rejection(config, settings, backend)
+    if reason: logger.warning("%s/int8 not considered: %s", backend, reason)
     return reason is None
 
 def _openvino_precisions_or_none() -> tuple[str, ...]:
@@ -314,10 +319,22 @@ def maps_only_nodes(model_path:Path) -> list[str]:
         needed.add(node.name); pending += list(node.input)
     return [node.name for node in graph.node if node.name not in needed]
 
+def int8_float_nodes(model_path:Path) -> list[str]:
+    "The nodes the int8 model keeps in float32: those only the heat maps need, the first and last convolutions, and the linear heads."
+    import onnx
+    maps_only = maps_only_nodes(model_path)
+    needed = [n for n in onnx.load(str(model_path)).graph.node if n.name not in maps_only]
+    convs = [n.name for n in needed if n.op_type == "Conv"]
+    return maps_only + convs[:1] + convs[-1:] + [n.name for n in needed if n.op_type == "Gemm"]
+
+INT8_METHOD = "static QDQ, u8 activations, 7-bit per-channel s8 weights, first and last layers in float, MinMax"  # the default recipe
+
 def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
                   calibration:Sequence[Path], # Training photos whose activation ranges set the scales
-                  reduce_range:bool=False) -> Path: # Weights in 7 bits instead of 8 (compared in bench_int8_recipes.py)
-    "Write `model.int8.onnx` beside `model.onnx`: static QDQ int8, per-channel s8 weights, u8 activations, MinMax ranges, the heat maps in float."
+                  activations:str="u8", # "u8" or "s8": the activations' integer type (other recipes: bench_int8_recipes.py)
+                  reduce_range:bool=True, # 7-bit weights (no 16-bit overflow on CPUs without VNNI); False: 8-bit
+                  float_ends:bool=True) -> Path: # Keep the first and last layers in float (`int8_float_nodes`); False: only the maps' nodes
+    "Write `model.int8.onnx` beside `model.onnx`, by default as `INT8_METHOD` says: static QDQ int8, MinMax ranges, the heat maps in float."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     model_dir = Path(model_dir)
@@ -329,8 +346,10 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
         with tempfile.TemporaryDirectory() as tmp, np.errstate(invalid="ignore"):
             quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
-                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=maps_only_nodes(f"{tmp}/pre.onnx"))
+                            per_channel=True, reduce_range=reduce_range, activation_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[activations],
+                            weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=(int8_float_nodes if float_ends else maps_only_nodes)(f"{tmp}/pre.onnx"))
             os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
     finally: quiet.setLevel(level)
     return model_dir/INT8_FILE
@@ -349,30 +368,42 @@ def _figures(run:Callable, batches:list[np.ndarray], targets:np.ndarray, config:
 
 def measure_int8(model_dir:Path, # An artifact with `model.onnx` and `model.int8.onnx`
                  paths:Sequence[Path], targets:np.ndarray, # Labelled photos (the validation split) and their class indices
-                 batch_size:int=32) -> dict:
-    "int8 against f32 (ONNX Runtime) on labelled photos: each one's accuracy, log loss and open-set share kept, and their agreement."
+                 batch_size:int=32,
+                 backends:Sequence[str]=AUTO_BACKENDS) -> dict: # The engines that run the int8 model (each computes it its own way)
+    """f32 (ONNX Runtime) and, by each of `backends`, int8 on labelled photos: accuracy, log loss and open-set share kept, and the
+    agreement of the labels; a backend that cannot load (OpenVINO not installed) is left out."""
     model_dir, targets = Path(model_dir), np.asarray(targets)
     config = ModelConfig.load(model_dir/"model_config.json")
     preset = Preset.from_config(config)
     batches = [preset.stack(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
     f32, p32 = _figures(make_runner("onnx", model_dir), batches, targets, config)
-    int8, p8 = _figures(make_runner("onnx", model_dir, precision="int8"), batches, targets, config)
-    return {"f32": f32, "int8": int8, "n_images": len(targets), "labels_agree": float((p32.argmax(1) == p8.argmax(1)).mean()),
-            "max_probability_difference": float(np.abs(p32 - p8).max()),
-            "method": "static QDQ, per-channel s8 weights, u8 activations, MinMax"}
+    report = {"f32": f32, "n_images": len(targets)}
+    for backend in backends:
+        try: run = make_runner(backend, model_dir, precision="int8")
+        except ImportError as e: logger.warning("int8 not measured on %s: %s", backend, e); continue
+        int8, p8 = _figures(run, batches, targets, config)
+        report[backend] = {"int8": int8, "labels_agree": float((p32.argmax(1) == p8.argmax(1)).mean()),
+                           "max_probability_difference": float(np.abs(p32 - p8).max())}
+    return report
+
+def calibration_photos(train_paths:Sequence[Path], # The training split's photos
+                       settings:TrainingSettings) -> list[Path]: # Its `int8_calibration_images`
+    "The `int8_calibration_images` training photos that calibrate the int8 model: a seeded random choice, in split order."
+    rng = np.random.default_rng(0)
+    return [train_paths[i] for i in sorted(rng.permutation(len(train_paths))[:settings.int8_calibration_images])]
 
 def quantize_artifact(model_dir:Path, # An artifact with `model.onnx`
                       train_paths:Sequence[Path], # Training photos; the first `int8_calibration_images` calibrate
                       val_paths:Sequence[Path], val_targets:np.ndarray, # The validation split, to measure on
                       settings:TrainingSettings|None=None) -> ModelConfig: # Its `int8_calibration_images`
     "Quantize the artifact to int8, measure it against f32 on the validation split, and record that in `model_config.json`."
-    s = settings or TrainingSettings()
-    rng = np.random.default_rng(0)
-    chosen = [train_paths[i] for i in sorted(rng.permutation(len(train_paths))[:s.int8_calibration_images])]
+    chosen = calibration_photos(train_paths, settings or TrainingSettings())
     quantize_int8(model_dir, chosen)
     config = ModelConfig.load(Path(model_dir)/"model_config.json")
-    config.int8 = {**measure_int8(model_dir, val_paths, val_targets), "calibration_images": len(chosen)}
+    config.int8 = {**measure_int8(model_dir, val_paths, val_targets), "method": INT8_METHOD, "calibration_images": len(chosen)}
     config.save(Path(model_dir)/"model_config.json")
-    logger.info("int8: validation accuracy %.4f (f32 %.4f), labels agree %.2f%%", config.int8["int8"]["accuracy"],
-                config.int8["f32"]["accuracy"], 100 * config.int8["labels_agree"])
+    for backend in AUTO_BACKENDS:
+        if backend in config.int8:
+            logger.info("int8 on %s: validation accuracy %.4f (f32 %.4f), labels agree %.2f%%", backend, config.int8[backend]["int8"]["accuracy"],
+                        config.int8["f32"]["accuracy"], 100 * config.int8[backend]["labels_agree"])
     return config

@@ -98,7 +98,7 @@
 # format, mode), `skipped.csv` (each unusable file and why) and `dataset.json` (the dataset
 # version: the manifest's sha256). `catsdogs_train` writes the model artifact: `weights.pt`,
 # `model_config.json`, `model.ts`, `model.onnx`, `model.int8.onnx` (with what it measured
-# against f32 on the validation split, in `model_config.json`; `--no-quantize` skips it) and
+# against f32 on the validation split on each engine, in `model_config.json`; `--no-quantize` skips it) and
 # `figures/`; add `--quick` for a smoke test,
 # `--resume` after an interruption, `--no-mlflow` to skip tracking. Browse runs with
 # `mlflow ui --backend-store-uri sqlite:///mlflow.db`. `catsdogs_eval` measures an artifact as
@@ -107,8 +107,8 @@
 #
 # Predicting, evaluating and serving choose their engine by measurement when they load a model
 # (`--backend auto --precision auto`): ONNX Runtime or OpenVINO, in f32, in bf16 on CPUs with
-# bf16 units, or in int8 when the artifact's int8 model kept its validation accuracy within
-# `--int8-max-accuracy-drop` (0.1 point) and its "neither" threshold within
+# bf16 units, or in int8 on an engine where the artifact's int8 model kept its validation
+# accuracy within `--int8-max-accuracy-drop` (0.1 point) and its "neither" threshold within
 # `--int8-max-open-set-drop` (1 point); whichever is fastest among those that agree with ONNX
 # Runtime f32 on real validation photos stored in the artifact (`check_images/`). For an
 # artifact trained without `model.int8.onnx`, `python scripts/quantize_model.py artifacts/model`

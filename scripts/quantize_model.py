@@ -43,7 +43,10 @@ train, val = data.split("train"), data.split("val")
 config = quantize_artifact(args.model_dir, [data.root / p for p in train.path], [data.root / p for p in val.path],
                            val.label.map(CLASS_NAMES.index).to_numpy(), settings)
 report = config.int8
-print(f"{args.model_dir}/model.int8.onnx: validation accuracy {report['int8']['accuracy']:.2%} (f32 {report['f32']['accuracy']:.2%}), "
-      f"log loss {report['int8']['log_loss']:.4f} (f32 {report['f32']['log_loss']:.4f}), labels agree {report['labels_agree']:.2%}, "
-      f"kept at the threshold {report['int8'].get('open_set_kept', 1):.2%} (f32 {report['f32'].get('open_set_kept', 1):.2%}), "
-      f"{report['calibration_images']} calibration photos")
+for backend in ("onnx", "openvino"):
+    if backend not in report: continue
+    int8, f32 = report[backend]["int8"], report["f32"]
+    print(f"{args.model_dir}/model.int8.onnx on {backend}: validation accuracy {int8['accuracy']:.2%} (f32 {f32['accuracy']:.2%}), "
+          f"log loss {int8['log_loss']:.4f} (f32 {f32['log_loss']:.4f}), labels agree {report[backend]['labels_agree']:.2%}, "
+          f"kept at the threshold {int8.get('open_set_kept', 1):.2%} (f32 {f32.get('open_set_kept', 1):.2%})")
+print(f"{report['method']}; {report['calibration_images']} calibration photos")
