@@ -212,32 +212,40 @@ results
 # %% [markdown]
 # ## Engine, threads, batch size and wait: measured, not assumed
 #
-# The defaults come from `benchmarks/bench_engines.py --threads 1 2 --batches 1 2 4 8 16
-# --ceiling-batch 4 8 16` and `benchmarks/bench_serve.py` on this project's 2-core machine on
-# 2026-12-03 (an AMD EPYC with AVX2 and neither VNNI nor bf16 units), with the default model
-# (EfficientNet-Lite0, 288 px) and its int8 model. Images/s, one run; the forward pass alone,
-# then the ceiling the service is held to (`predict_batch`: decode the batch on the same
-# threads, then one forward pass):
+# The defaults come from `benchmarks/bench_engines.py --model artifacts/model --prepared
+# artifacts/data --threads 1 2 --batches 1 2 4 8 16 --ceiling-batch 4 8 16` and
+# `benchmarks/bench_serve.py` on this project's 2-core machine on 2026-12-06 (an AMD EPYC with
+# AVX2 and neither VNNI nor bf16 units), with the default model (EfficientNet-Lite0, 288 px)
+# and its int8 model. Images/s, one run; the forward pass alone, then the ceiling the service
+# is held to (`predict_batch`: decode the batch on the same threads, then one forward pass):
 #
 # | engine | threads | forward b1 | b2 | b4 | b8 | b16 | ceiling b4 | b8 | b16 |
 # |---|---|---|---|---|---|---|---|---|---|
-# | ONNX Runtime f32 | 1 | 51 | 54 | 53 | 53 | 52 | 41 | 39 | 42 |
-# | ONNX Runtime int8 | 1 | 78 | 83 | 82 | 80 | 81 | 58 | 58 | 58 |
-# | ONNX Runtime f32 | 2 | 60 | 81 | 96 | 84 | 102 | 76 | 77 | 77 |
-# | OpenVINO f32 | 2 | 87 | 89 | 91 | 91 | 95 | 71 | 75 | 70 |
-# | ONNX Runtime int8 | 2 | 97 | 145 | 148 | 139 | 128 | 103 | 105 | 109 |
-# | OpenVINO int8 | 2 | 115 | 111 | 142 | 148 | 140 | 87 | 93 | 106 |
+# | ONNX Runtime f32 | 1 | 45 | 48 | 42 | 39 | 46 | 32 | 31 | 30 |
+# | OpenVINO f32 | 1 | 32 | 38 | 33 | 23 | 29 | 28 | 28 | 29 |
+# | ONNX Runtime int8 | 1 | 63 | 67 | 65 | 65 | 58 | 43 | 41 | 40 |
+# | OpenVINO int8 | 1 | 46 | 66 | 64 | 66 | 64 | 40 | 42 | 43 |
+# | ONNX Runtime f32 | 2 | 66 | 71 | 69 | 68 | 68 | 62 | 71 | 61 |
+# | OpenVINO f32 | 2 | 44 | 86 | 80 | 79 | 65 | 63 | 70 | 63 |
+# | ONNX Runtime int8 | 2 | 108 | 129 | 134 | 113 | 110 | 83 | 91 | 95 |
+# | OpenVINO int8 | 2 | 104 | 117 | 103 | 108 | 106 | 75 | 98 | 85 |
 #
-# - **Threads**: every engine runs best on every core (`threads=0`), one stream: a second
-#   stream would only split the same two cores. Decoding uses the same threads, in turn with
-#   the forward pass (decoding beside it left the engine's threads waiting for cores).
-# - **Decode share**: int8 makes the forward pass about 1.5x faster, so decoding, about 2.5 ms
-#   of wall time per image on two threads, becomes a quarter of the ceiling (it was a sixth
-#   with f32). JPEGs already decode at reduced size (draft mode), and the decode threads are
-#   the inference threads, so there is no idle core to give them.
-# - **Batch size 8**: past batch 8 the ceiling gains nothing beyond the run's noise (int8: 105
-#   at 8, 109 at 16), and memory grows with the batch: ONNX Runtime's process held 246 MB
-#   after a batch of 8 and 390 MB after a batch of 16. So `max_batch_size` is 8.
-# - **Wait 10 ms**: at concurrency 8, `batch_wait_ms` 2 formed batches of 4 on average and 10
-#   formed batches of 8 (7.7 to 8.0), with more requests/s and a lower p50; an int8 forward pass
-#   of 8 images takes about 55 ms, so the wait stays short beside it. A lone client never waits.
+# - **Threads**: every engine runs best on every core (`threads=0`), one stream: with two
+#   threads the ceiling at batch 8 is 2.3x (f32) and 2.2x (int8) that of one, so a second
+#   stream of one thread each would only split the same two cores. Decoding uses the same
+#   threads, in turn with the forward pass (decoding beside it left the engine's threads
+#   waiting for cores).
+# - **Decode share**: int8 makes the forward pass about 1.6x faster, so decoding, about 2 ms of
+#   wall time per image on two threads, becomes a fifth of the int8 ceiling (ONNX Runtime: 8.8
+#   ms per image for the forward pass of a batch of 8, 11.0 ms with decoding) against about a
+#   tenth of f32's. JPEGs already decode at reduced size (draft mode), and the decode threads
+#   are the inference threads, so there is no idle core to give them.
+# - **Batch size 8**: past batch 8 the ceiling gains nothing beyond the run's noise (int8: 91
+#   and 98 at 8, 95 and 85 at 16), and memory grows with the batch (measured on 2026-12-03:
+#   ONNX Runtime's process held 246 MB after a batch of 8 and 390 MB after a batch of 16). So
+#   `max_batch_size` is 8.
+# - **Wait 10 ms**: at concurrency 8, `batch_wait_ms` 2 formed batches of 4 on average
+#   (2026-12-03) and 10 forms batches of 7.8 (`bench_serve.py`, here), with more requests/s and
+#   a lower p50; a forward
+#   pass of 8 images takes 70 ms (int8) to 120 ms (f32) here, so the wait stays short beside
+#   it. A lone client never waits.
