@@ -23,8 +23,9 @@ from bench_engines import forward_rate  # the engines benchmark's forward-pass t
 RECIPES = {  # name -> quantize_int8 options; the last is the default
     "8-bit weights": dict(reduce_range=False, float_ends=False),
     "8-bit weights, s8 activations": dict(activations="s8", reduce_range=False, float_ends=False),
-    "7-bit weights": dict(float_ends=False),
-    "7-bit weights, first and last layers in float (default)": dict(),
+    "7-bit weights": dict(depthwise_8bit=False, float_ends=False),
+    "7-bit weights, first and last layers in float": dict(depthwise_8bit=False),
+    "7-bit weights (8 in depthwise), first and last layers in float (default)": dict(),
 }
 
 def cpu_name() -> str:

@@ -25,8 +25,8 @@ from .presets import ModelConfig, OpenSetConfig, Preset
 __all__ = ['logger', 'BACKENDS', 'AUTO_BACKENDS', 'PRECISIONS', 'INT8_FILE', 'TOLERANCES', 'INT8_METHOD', 'softmax',
            'default_threads', 'openvino_core', 'openvino_precisions', 'engine_file', 'make_runner',
            'calibration_images', 'check_batch', 'choose_backend', 'Engine', 'int8_rejection', 'engine_candidates',
-           'load_engine', 'maps_only_nodes', 'int8_float_nodes', 'quantize_int8', 'measure_int8', 'calibration_photos',
-           'quantize_artifact']
+           'load_engine', 'maps_only_nodes', 'int8_float_nodes', 'depthwise_weights', 'quantize_int8', 'measure_int8',
+           'calibration_photos', 'quantize_artifact']
 
 # %% ../nbs/03a_engines.ipynb #c075a21e
 logger = logging.getLogger("catsdogs.engines")
@@ -157,13 +157,17 @@ def check_batch(model_dir:Path, preset:Preset) -> tuple[np.ndarray, bool]:
     paths = sorted(p for p in (Path(model_dir)/"check_images").glob("*") if p.is_file())
     return (preset.stack(paths), True) if paths else (preset.stack(calibration_images(8)), False)
 
-def _time_ms(run:Callable, x:np.ndarray, repeat:int=5, budget_s:float=0.5) -> float:
-    "Median wall time of `run(x)` in ms after a warm-up call: `repeat` runs, fewer if they pass `budget_s`."
-    run(x)
-    times, spent = [], 0.0
-    while len(times) < repeat and (not times or spent < budget_s):
-        start = time.perf_counter(); run(x); times.append(time.perf_counter() - start); spent += times[-1]
-    return float(np.median(times)) * 1000
+def _timings_ms(runners:dict[str, Callable], batch:np.ndarray, rounds:int=7, budget_s:float=2.0) -> dict[str, float]:
+    """Each runner's median time (ms) for a batch of one plus a batch of eight, after a warm-up: the runners take turns, round
+    after round, so that other work on the machine slows them alike; `rounds` rounds, fewer (at least three) past `budget_s`."""
+    one, eight = np.ascontiguousarray(batch[:1]), np.ascontiguousarray(batch[:8])
+    for run in runners.values(): run(one); run(eight)
+    times, start = {name: [] for name in runners}, time.perf_counter()
+    for i in range(rounds):
+        for name, run in runners.items():
+            begin = time.perf_counter(); run(one); run(eight); times[name].append(time.perf_counter() - begin)
+        if i >= 2 and time.perf_counter() - start > budget_s: break
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 def _compared(outputs:tuple, temperature:float, open_set:OpenSetConfig|None) -> np.ndarray:
     "What f32 backends must agree on: class probabilities and, with an open-set head, its score (relative to its size)."
@@ -208,13 +212,14 @@ def choose_backend(runners:dict[str, Callable], # "backend/precision" -> runner
                    tolerances:dict[str, float]=TOLERANCES) -> tuple[str, dict[str, float]]: # precision -> atol
     "The fastest runner that agrees with `reference`, and each agreeing one's time (batch 1 + batch 8, ms)."
     expected = _in_batches(runners[reference], batch)
-    timings = {}
+    agreeing = {}
     for name, run in runners.items():
         precision = name.split("/")[1]
         reason = _disagreement(_in_batches(run, batch), expected, temperature, open_set, precision != "f32",
                                tolerances["f32"], tolerances[precision], mean=precision == "int8")
         if reason: logger.warning("engine %s %s against %s on the check photos; not used", name, reason, reference); continue
-        timings[name] = _time_ms(run, batch[:1]) + _time_ms(run, batch[:8])
+        agreeing[name] = run
+    timings = _timings_ms(agreeing, batch)
     return min(timings, key=timings.get), timings
 
 # %% ../nbs/03a_engines.ipynb #93fa4fdb
@@ -327,12 +332,22 @@ def int8_float_nodes(model_path:Path) -> list[str]:
     convs = [n.name for n in needed if n.op_type == "Conv"]
     return maps_only + convs[:1] + convs[-1:] + [n.name for n in needed if n.op_type == "Gemm"]
 
-INT8_METHOD = "static QDQ, u8 activations, 7-bit per-channel s8 weights, first and last layers in float, MinMax"  # the default recipe
+def depthwise_weights(model_path:Path) -> list[str]:
+    "The weights of the depthwise convolutions (one kernel per channel: `group` > 1, one input channel per kernel) of an ONNX graph."
+    import onnx
+    graph = onnx.load(str(model_path)).graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    group = lambda node: next((a.i for a in node.attribute if a.name == "group"), 1)
+    return [n.input[1] for n in graph.node if n.op_type == "Conv" and group(n) > 1 and shapes.get(n.input[1], [0, 0])[1] == 1]
+
+INT8_METHOD = ("static QDQ, u8 activations, per-channel s8 weights in 7 bits (8 in depthwise convolutions), "
+               "first and last layers in float, MinMax")  # the default recipe
 
 def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
                   calibration:Sequence[Path], # Training photos whose activation ranges set the scales
                   activations:str="u8", # "u8" or "s8": the activations' integer type (other recipes: bench_int8_recipes.py)
                   reduce_range:bool=True, # 7-bit weights (no 16-bit overflow on CPUs without VNNI); False: 8-bit
+                  depthwise_8bit:bool=True, # With `reduce_range`: the depthwise convolutions' weights in 8 bits all the same
                   float_ends:bool=True) -> Path: # Keep the first and last layers in float (`int8_float_nodes`); False: only the maps' nodes
     "Write `model.int8.onnx` beside `model.onnx`, by default as `INT8_METHOD` says: static QDQ int8, MinMax ranges, the heat maps in float."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -344,12 +359,14 @@ def quantize_int8(model_dir:Path, # An artifact with `model.onnx`
     # computes a zero point for their infinite range, and NumPy would warn of that unused NaN.
     try:
         with tempfile.TemporaryDirectory() as tmp, np.errstate(invalid="ignore"):
-            quant_pre_process(str(model_dir/"model.onnx"), f"{tmp}/pre.onnx", skip_symbolic_shape=True)
-            quantize_static(f"{tmp}/pre.onnx", f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
+            pre = f"{tmp}/pre.onnx"
+            quant_pre_process(str(model_dir/"model.onnx"), pre, skip_symbolic_shape=True)
+            full_range = depthwise_weights(pre) if reduce_range and depthwise_8bit else []
+            quantize_static(pre, f"{tmp}/{INT8_FILE}", _Batches(calibration, preset), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=reduce_range, activation_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[activations],
-                            weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=(int8_float_nodes if float_ends else maps_only_nodes)(f"{tmp}/pre.onnx"))
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=(int8_float_nodes if float_ends else maps_only_nodes)(pre),
+                            extra_options={"TensorQuantOverrides": {w: [{"axis": 0, "reduce_range": False}] for w in full_range}})
             os.replace(f"{tmp}/{INT8_FILE}", model_dir/INT8_FILE)  # atomic: a half-written model is never served
     finally: quiet.setLevel(level)
     return model_dir/INT8_FILE

@@ -221,31 +221,30 @@ results
 #
 # | engine | threads | forward b1 | b2 | b4 | b8 | b16 | ceiling b4 | b8 | b16 |
 # |---|---|---|---|---|---|---|---|---|---|
-# | ONNX Runtime f32 | 1 | 45 | 48 | 42 | 39 | 46 | 32 | 31 | 30 |
-# | OpenVINO f32 | 1 | 32 | 38 | 33 | 23 | 29 | 28 | 28 | 29 |
-# | ONNX Runtime int8 | 1 | 63 | 67 | 65 | 65 | 58 | 43 | 41 | 40 |
-# | OpenVINO int8 | 1 | 46 | 66 | 64 | 66 | 64 | 40 | 42 | 43 |
-# | ONNX Runtime f32 | 2 | 66 | 71 | 69 | 68 | 68 | 62 | 71 | 61 |
-# | OpenVINO f32 | 2 | 44 | 86 | 80 | 79 | 65 | 63 | 70 | 63 |
-# | ONNX Runtime int8 | 2 | 108 | 129 | 134 | 113 | 110 | 83 | 91 | 95 |
-# | OpenVINO int8 | 2 | 104 | 117 | 103 | 108 | 106 | 75 | 98 | 85 |
+# | ONNX Runtime f32 | 1 | 34 | 34 | 33 | 33 | 29 | 30 | 28 | 29 |
+# | OpenVINO f32 | 1 | 32 | 37 | 37 | 37 | 40 | 29 | 27 | 27 |
+# | ONNX Runtime int8 | 1 | 66 | 67 | 69 | 59 | 66 | 44 | 40 | 46 |
+# | OpenVINO int8 | 1 | 59 | 66 | 71 | 70 | 63 | 47 | 45 | 40 |
+# | ONNX Runtime f32 | 2 | 56 | 66 | 70 | 83 | 77 | 62 | 66 | 64 |
+# | OpenVINO f32 | 2 | 61 | 59 | 68 | 64 | 64 | 50 | 46 | 52 |
+# | ONNX Runtime int8 | 2 | 88 | 86 | 95 | 100 | 94 | 67 | 69 | 72 |
+# | OpenVINO int8 | 2 | 65 | 68 | 89 | 99 | 87 | 62 | 64 | 64 |
 #
 # - **Threads**: every engine runs best on every core (`threads=0`), one stream: with two
-#   threads the ceiling at batch 8 is 2.3x (f32) and 2.2x (int8) that of one, so a second
-#   stream of one thread each would only split the same two cores. Decoding uses the same
-#   threads, in turn with the forward pass (decoding beside it left the engine's threads
+#   threads the ceiling at batch 8 is 2.3x (ONNX Runtime f32) and 1.7x (int8) that of one, so
+#   a second stream of one thread each would only split the same two cores. Decoding uses the
+#   same threads, in turn with the forward pass (decoding beside it left the engine's threads
 #   waiting for cores).
-# - **Decode share**: int8 makes the forward pass about 1.6x faster, so decoding, about 2 ms of
-#   wall time per image on two threads, becomes a fifth of the int8 ceiling (ONNX Runtime: 8.8
-#   ms per image for the forward pass of a batch of 8, 11.0 ms with decoding) against about a
-#   tenth of f32's. JPEGs already decode at reduced size (draft mode), and the decode threads
-#   are the inference threads, so there is no idle core to give them.
-# - **Batch size 8**: past batch 8 the ceiling gains nothing beyond the run's noise (int8: 91
-#   and 98 at 8, 95 and 85 at 16), and memory grows with the batch (measured on 2026-12-03:
+# - **Decode share**: int8 makes the forward pass faster, so decoding, 3 to 4 ms of wall time
+#   per image on two threads in this run, becomes a third of the int8 ceiling (ONNX Runtime,
+#   batch 8: 10.0 ms per image for the forward pass, 14.4 ms with decoding) against a fifth of
+#   f32's (12.0 and 15.2 ms). JPEGs already decode at reduced size (draft mode), and the
+#   decode threads are the inference threads, so there is no idle core to give them.
+# - **Batch size 8**: past batch 8 the ceiling gains nothing beyond the run's noise (int8: 69
+#   and 64 at 8, 72 and 64 at 16), and memory grows with the batch (measured on 2026-12-03:
 #   ONNX Runtime's process held 246 MB after a batch of 8 and 390 MB after a batch of 16). So
 #   `max_batch_size` is 8.
 # - **Wait 10 ms**: at concurrency 8, `batch_wait_ms` 2 formed batches of 4 on average
-#   (2026-12-03) and 10 forms batches of 7.8 (`bench_serve.py`, here), with more requests/s and
-#   a lower p50; a forward
-#   pass of 8 images takes 70 ms (int8) to 120 ms (f32) here, so the wait stays short beside
-#   it. A lone client never waits.
+#   (2026-12-03) and 10 forms batches of 7.8 to 8.0 (`bench_serve.py`, here), with more
+#   requests/s and a lower p50; a forward pass of 8 images takes 80 ms (int8) to 125 ms (f32)
+#   here, so the wait stays short beside it. A lone client never waits.
