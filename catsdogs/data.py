@@ -37,8 +37,9 @@ from .presets import (CLASS_NAMES, NEITHER, ImageError, Preset, _open_image, dem
 # %% auto #0
 __all__ = ['MANIFEST_COLUMNS', 'PIXEL_CACHE_FORMAT', 'find_images', 'inspect_image', 'inspect_images', 'duplicate_groups',
            'split_of', 'feedback_files', 'build_manifest', 'PreparedData', 'write_prepared', 'load_prepared',
-           'download', 'extract_zip', 'resolve_data_dir', 'prepare', 'prepare_cli', 'pixel_cache_folder',
-           'build_pixel_cache', 'ResizedPhotos', 'ImageDataset', 'BatchAugment', 'batch_normalize', 'DeviceLoader']
+           'download', 'extract_zip', 'resolve_data_dir', 'prepare', 'prepare_cli', 'worker_context',
+           'pixel_cache_folder', 'build_pixel_cache', 'ResizedPhotos', 'ImageDataset', 'BatchAugment',
+           'batch_normalize', 'DeviceLoader']
 
 # %% ../nbs/01_data.ipynb #b0517bd7
 def find_images(root:Path, # Folder to scan recursively
@@ -308,6 +309,14 @@ def prepare_cli(argv:list[str]|None=None):
         print("from feedback: " + ", ".join(f"{n} {k.removeprefix('feedback_')}" for k, n in prepared.feedback_counts().items()))
     if len(skipped): print("skipped:\n" + skipped.reason.str.replace(r"[:(].*", "", regex=True).value_counts().to_string())
 
+# %% ../nbs/01_data.ipynb #1061a1b8
+def worker_context() -> multiprocessing.context.BaseContext:
+    "The start method for worker processes: a forkserver that has imported `catsdogs.data` (spawn where there is no forkserver)."
+    if "forkserver" not in multiprocessing.get_all_start_methods(): return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["catsdogs.data"])  # takes effect when the forkserver starts, on the first worker
+    return context
+
 # %% ../nbs/01_data.ipynb #e318a246
 PIXEL_CACHE_FORMAT = 1  # part of the cache's key: a change to how photos are resized or stored starts a new cache
 
@@ -340,8 +349,7 @@ def build_pixel_cache(prepared:PreparedData, preset:Preset, cache_dir:Path, work
     jobs = [(prepared.root/p, preset) for p in paths]
     workers = workers or os.cpu_count() or 1
     offsets, shapes, offset = [], [], 0
-    # workers start from a fresh forkserver process: this one may hold thread pools that a forked child inherits broken
-    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    context = worker_context()
     try:
         with open(building/"pixels.u8", "wb") as out, contextlib.ExitStack() as stack:
             if workers > 1 and len(jobs) >= 64:

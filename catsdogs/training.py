@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import os
-import multiprocessing
 import random
 import sys
 import time
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from .config import DataSettings, ModelSettings, Settings, TrainingSettings, parse_settings, settings_parser
 from .data import (BatchAugment, DeviceLoader, ImageDataset, PreparedData, ResizedPhotos, batch_normalize,
-                           build_pixel_cache, load_prepared, prepare)
+                           build_pixel_cache, load_prepared, prepare, worker_context)
 from .metrics import classification_metrics, drift_reference, save_figures
 from .model import CatsDogsNet, build_model, config_for_backbone, export_artifact, fit_open_set, get_backbone
 from .engines import quantize_artifact
@@ -84,9 +83,7 @@ def make_loader(rows:pd.DataFrame, photos:ResizedPhotos, settings:Settings, devi
         sampler.set_epoch(epoch)
     workers = settings.num_workers or (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     per_process = len(sampler) if sampler is not None else len(ds)
-    # Workers start from a fresh forkserver process, never by forking this one: after inference or an earlier training
-    # run, this process holds OpenMP/TBB thread pools that a forked child would inherit in an undefined state.
-    context = "forkserver" if workers and "forkserver" in multiprocessing.get_all_start_methods() else None
+    context = worker_context() if workers else None  # never a fork of this process (see the data notebook)
     loader = DataLoader(ds, settings.batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator,
                         drop_last=train and per_process > settings.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False, multiprocessing_context=context)
@@ -285,6 +282,7 @@ class TrainingRun:
     rank: int
     world_size: int
     state: TrainState|None  # None until the data version is known (fresh runs); the loaded state when resuming
+    frozen_features: dict[str, TensorDataset]|None = None  # the frozen backbone's features by split while the head trains on them
 
     @property
     def main(self) -> bool: return self.rank == 0
@@ -335,6 +333,7 @@ def start_run(settings:Settings, quick:bool=False, resume:bool=False) -> Trainin
         run.state = TrainState.load(run.checkpoint)
         here = {k: getattr(settings, k) for k in ("device", "num_workers", "model_dir", "mlflow_tracking_uri", "data_dir")}
         run.settings = Settings(**{**run.state.settings, **here})  # only where and how to run may change
+    get_backbone(run.settings.architecture)  # an unknown name fails now, before any photo is read
     return run
 
 def prepare_data(run:TrainingRun, progress:bool=True) -> PreparedData:
@@ -463,11 +462,13 @@ def fit_stages(run:TrainingRun, model:CatsDogsNet, rows:dict, photos:ResizedPhot
         train_loader = make_loader(rows["train"], photos, s, device)
         features = {"train": extract_features(model.backbone, train_loader, device, progress),
                     "val": extract_features(model.backbone, val_loader, device, progress)}
+    run.frozen_features = features
     stage = None
     for epoch in range(run.state.epoch, s.epochs):
         frozen = epoch < s.freeze_epochs
         if stage is None or stage.frozen != frozen:
             stage = start_stage(run, model, frozen, len(rows["train"]), first=stage is None)
+            if not frozen: run.frozen_features = None  # fine-tuning changes the backbone
         record = run_epoch(run, model, stage, epoch, rows, photos, criterion, val_loader, features, progress)
         end_epoch(run, model, stage, record, tracker)
         run.barrier()
@@ -500,15 +501,22 @@ def _check_replicas(run:TrainingRun, model:nn.Module):
                                                                "agree": len(set(sums)) == 1}))
 
 def split_features(model:CatsDogsNet, rows:dict, photos:ResizedPhotos, settings:Settings, device:torch.device,
-                   progress:bool=True) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
+                   progress:bool=True,
+                   frozen_features:dict[str, TensorDataset]|None=None, # Features of splits' rows from this backbone, reused
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[Path]]]:
     "Final backbone features, targets and paths of each split (of training, only as many as the open-set bank keeps), in float32."
     out = {}
     for split in ("train", "val", "test"):
         split_rows = rows[split]
         if split == "train" and len(split_rows) > settings.open_set_bank_size:
             split_rows = split_rows.sample(settings.open_set_bank_size, random_state=settings.seed).sort_index()
+        paths = [photos.root/p for p in split_rows.path]
+        if frozen_features and split in frozen_features:
+            at = torch.from_numpy(rows[split].index.get_indexer(split_rows.index))
+            out[split] = (*(t[at] for t in frozen_features[split].tensors), paths)
+            continue
         loader = make_loader(split_rows, photos, settings, device)
-        out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), loader.dataset.paths)
+        out[split] = (*predict_logits(model.backbone, loader, device, progress, split, autocast=False), paths)
     return out
 
 @torch.no_grad()
@@ -565,7 +573,7 @@ def finish(run:TrainingRun, model:CatsDogsNet, prepared:PreparedData, photos:Res
            stopped_early:bool=False, progress:bool=True) -> TrainResult:
     "Calibrate, evaluate and fit the open-set head on the best weights, draw the figures, export the artifact and log it."
     s, out = run.settings, run.model_dir
-    features = split_features(model, rows, photos, s, run.device, progress)
+    features = split_features(model, rows, photos, s, run.device, progress, run.frozen_features)
     model = model.cpu().eval()
     temperature, open_set, probs, metrics = test_metrics(model, features, s)
     metrics.update(neither_metrics(model, prepared, photos, s, open_set))

@@ -43,30 +43,21 @@ def small_sample_dir(sample_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def open_set_model(sample_dir, tmp_path_factory) -> Path:
-    """A real EfficientNet-Lite0 model trained on the image sample at 224 px (two epochs of the frozen stage, on cached
-    features: about two minutes), its open-set head fitted as `catsdogs_train` fits it."""
+def sample_model(sample_dir, tmp_path_factory) -> Path:
+    """The test run's trained artifact, shared by every test that needs one: a real EfficientNet-Lite0 trained on the
+    image sample at 224 px (two epochs of the frozen stage, on cached features), its open-set head fitted and its int8
+    model written as `catsdogs_train` does."""
     from catsdogs.training import train
-    out = tmp_path_factory.mktemp("open-set") / "model"
+    out = tmp_path_factory.mktemp("sample-model") / "model"
     settings = Settings(data_dir=sample_dir, model_dir=out, image_size=224, epochs=2, freeze_epochs=2, batch_size=32, num_workers=1)
     return train(settings, mlflow=False, progress=False).model_dir
 
 
 @pytest.fixture(scope="session")
-def floor_model(sample_dir, tmp_path_factory) -> Path:
-    """A real EfficientNet-Lite0 model trained on the image sample at 128 px (three epochs of the frozen stage on cached
-    features: about a minute), for the accuracy floor of the default test run."""
-    from catsdogs.training import train
-    out = tmp_path_factory.mktemp("floor") / "model"
-    settings = Settings(data_dir=sample_dir, model_dir=out, image_size=128, epochs=3, freeze_epochs=3, batch_size=32, num_workers=1)
-    return train(settings, mlflow=False, progress=False).model_dir
-
-
-@pytest.fixture(scope="session")
-def unseen_pets(open_set_model) -> dict[str, list[Path]]:
-    "The first three cats and three dogs of the open-set model's test split (photos it never trained on)."
+def unseen_pets(sample_model) -> dict[str, list[Path]]:
+    "The first three cats and three dogs of the sample model's test split (photos it never trained on)."
     from catsdogs.data import load_prepared
-    prepared = load_prepared(open_set_model / "data")
+    prepared = load_prepared(sample_model / "data")
     test = prepared.split("test")
     return {label: [prepared.root / p for p in test[test.label == label].path[:3]] for label in ("cat", "dog")}
 

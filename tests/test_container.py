@@ -17,12 +17,12 @@ pytestmark = [pytest.mark.container,
               pytest.mark.skipif(container.engine() is None, reason="no container engine (podman or docker) installed")]
 
 
-def test_image_serves_the_model_as_a_non_root_user(open_set_model, unseen_pets, capsys):
+def test_image_serves_the_model_as_a_non_root_user(sample_model, unseen_pets, capsys):
     name, tag, photo = container.engine(), "localhost/catsdogs:test", unseen_pets["cat"][0]
     try: container.ensure_base(name)
     except container.BaseImageUnavailable as e: pytest.skip(str(e))
     try:
-        container.build(name, open_set_model, tag)
+        container.build(name, sample_model, tag)
         result = container.check(name, tag, photo)
     finally:
         container.run(name, "rmi", "-f", tag, check=False)
@@ -30,7 +30,7 @@ def test_image_serves_the_model_as_a_non_root_user(open_set_model, unseen_pets, 
 
     assert result["health"] == (200, {"status": "ok"})
     status, ready = result["ready"]
-    predictor = Predictor(open_set_model, InferenceSettings())
+    predictor = Predictor(sample_model, InferenceSettings())
     expected = predictor.predict(photo)
     assert status == 200 and ready["model_version"] == predictor.model_version and ready["open_set"] is True
     status, answer = result["predict"]

@@ -57,13 +57,13 @@ def decode_overlay(explanation: dict) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def explaining_server(open_set_model):
-    with run_server(create_app(Settings(model_dir=open_set_model, backend="onnx"))) as url:
+def explaining_server(sample_model):
+    with run_server(create_app(Settings(model_dir=sample_model, backend="onnx"))) as url:
         yield url
 
 
-def test_heat_map_points_at_the_animal_in_composites(explaining_server, open_set_model, not_pets):
-    prepared = load_prepared(open_set_model / "data")
+def test_heat_map_points_at_the_animal_in_composites(explaining_server, sample_model, not_pets):
+    prepared = load_prepared(sample_model / "data")
     test = prepared.split("test")
     pets = [(prepared.root / path, label) for path, label in zip(test.path, test.label)]  # photos the model never trained on
     backgrounds = sorted(next(iter(not_pets.values())).parents[2].rglob("*.jpg"))  # the whole outlier sample
@@ -139,9 +139,9 @@ def test_a_model_without_heat_maps_says_so(tmp_path, sample_dir):
     assert cli.returncode == 2 and "no heat maps" in cli.stderr
 
 
-def test_predict_cli_writes_heat_pictures(open_set_model, sample_dir, tmp_path):
+def test_predict_cli_writes_heat_pictures(sample_model, sample_dir, tmp_path):
     photos = sample_images(sample_dir, "cat", 2) + sample_images(sample_dir, "dog", 1)
-    out = subprocess.run([shutil.which("catsdogs_predict"), *map(str, photos), "--model", str(open_set_model), "--explain", str(tmp_path), "--json"],
+    out = subprocess.run([shutil.which("catsdogs_predict"), *map(str, photos), "--model", str(sample_model), "--explain", str(tmp_path), "--json"],
                          capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
     for photo, line in zip(photos, out):
         answer = json.loads(line)

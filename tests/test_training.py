@@ -170,14 +170,14 @@ for run in range(2):
     assert "trained 0" in done.stdout and "trained 1" in done.stdout
 
 
-def test_training_reads_its_photos_from_a_pixel_cache_of_every_photo(floor_model):
-    "The floor model's run built the pixel cache of its photos at its size, under this test run's cache_dir."
+def test_training_reads_its_photos_from_a_pixel_cache_of_every_photo(sample_model):
+    "The sample model's run built the pixel cache of its photos at its size, under this test run's cache_dir."
     from catsdogs.config import Settings
     from catsdogs.data import load_prepared, pixel_cache_folder
     from catsdogs.presets import ModelConfig
-    prepared = load_prepared(floor_model / "data")
-    preset = Preset.from_config(ModelConfig.load(floor_model / "model_config.json"))
+    prepared = load_prepared(sample_model / "data")
+    preset = Preset.from_config(ModelConfig.load(sample_model / "model_config.json"))
     folder = pixel_cache_folder(Settings().cache_dir, prepared, preset)
     index = json.loads((folder / "index.json").read_text())
-    assert index["paths"] == prepared.manifest.path.tolist() and index["resize_size"] == preset.resize_size == 146
-    assert min(min(shape) for shape in index["shapes"]) == 146
+    assert index["paths"] == prepared.manifest.path.tolist() and index["resize_size"] == preset.resize_size == 256
+    assert min(min(shape) for shape in index["shapes"]) == 256

@@ -66,9 +66,9 @@ def test_page_explains_a_file_that_is_not_an_image(page, tmp_path):
     assert error.inner_text() == "notes.txt: this file is not an image"
 
 
-def test_page_says_when_a_photo_is_neither_a_cat_nor_a_dog(browser, open_set_model, not_pets, unseen_pets):
+def test_page_says_when_a_photo_is_neither_a_cat_nor_a_dog(browser, sample_model, not_pets, unseen_pets):
     cat = unseen_pets["cat"][0]
-    with run_server(create_app(Settings(model_dir=open_set_model, backend="onnx"))) as url:
+    with run_server(create_app(Settings(model_dir=sample_model, backend="onnx"))) as url:
         page = browser.new_page()
         page.goto(url + "/")
         page.set_input_files("#files", [str(p) for p in [*not_pets.values(), cat]])
@@ -86,9 +86,9 @@ def test_page_says_when_a_photo_is_neither_a_cat_nor_a_dog(browser, open_set_mod
         page.close()
 
 
-def test_page_shows_the_heat_map_over_the_photo(browser, open_set_model, unseen_pets):
+def test_page_shows_the_heat_map_over_the_photo(browser, sample_model, unseen_pets):
     dog = unseen_pets["dog"][0]
-    with run_server(create_app(Settings(model_dir=open_set_model, backend="onnx"))) as url:
+    with run_server(create_app(Settings(model_dir=sample_model, backend="onnx"))) as url:
         expected = httpx.post(url + "/predict?explain=true", files={"file": (dog.name, dog.read_bytes(), "image/jpeg")}, timeout=60).json()
         page = browser.new_page()
         page.goto(url + "/")
