@@ -230,6 +230,26 @@ results
 # | ONNX Runtime int8 | 2 | 88 | 86 | 95 | 100 | 94 | 67 | 69 | 72 |
 # | OpenVINO int8 | 2 | 65 | 68 | 89 | 99 | 87 | 62 | 64 | 64 |
 #
+# The same command on 2026-12-07 on an AMD EPYC Zen 4 with AVX-512, VNNI and bf16 units (a
+# model trained there by the same command; OpenVINO bf16 runs on such a CPU):
+#
+# | engine | threads | forward b1 | b2 | b4 | b8 | b16 | ceiling b4 | b8 | b16 |
+# |---|---|---|---|---|---|---|---|---|---|
+# | ONNX Runtime f32 | 1 | 64 | 65 | 65 | 60 | 63 | 50 | 52 | 52 |
+# | OpenVINO f32 | 1 | 62 | 63 | 58 | 52 | 52 | 43 | 44 | 46 |
+# | OpenVINO bf16 | 1 | 106 | 117 | 121 | 115 | 111 | 80 | 74 | 77 |
+# | ONNX Runtime int8 | 1 | 122 | 132 | 126 | 132 | 121 | 83 | 80 | 78 |
+# | OpenVINO int8 | 1 | 116 | 135 | 143 | 145 | 143 | 91 | 96 | 89 |
+# | ONNX Runtime f32 | 2 | 94 | 120 | 104 | 114 | 117 | 84 | 97 | 98 |
+# | OpenVINO f32 | 2 | 108 | 94 | 97 | 101 | 105 | 82 | 67 | 76 |
+# | OpenVINO bf16 | 2 | 113 | 135 | 171 | 184 | 187 | 122 | 127 | 134 |
+# | ONNX Runtime int8 | 2 | 142 | 197 | 204 | 213 | 223 | 155 | 167 | 154 |
+# | OpenVINO int8 | 2 | 189 | 225 | 210 | 226 | 249 | 146 | 149 | 169 |
+#
+# The choices below hold on both kinds: two threads beat one by 1.4x to 2.1x at batch 8 for
+# int8, batch 16 gains nothing that the run's noise does not also give or take, and decoding
+# is a larger share of the int8 ceiling than of f32's.
+#
 # - **Threads**: every engine runs best on every core (`threads=0`), one stream: with two
 #   threads the ceiling at batch 8 is 2.3x (ONNX Runtime f32) and 1.7x (int8) that of one, so
 #   a second stream of one thread each would only split the same two cores. Decoding uses the
