@@ -204,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--serve-script", default=None, help="catsdogs_serve of another environment (e.g. the lean one of "
                         "bench_serve_install.py --keep DIR)")
     args = parser.parse_args(argv)
+    if args.rounds < 1: parser.error("--rounds must be at least 1")
 
     model = demo_artifact() if args.make_demo_artifact else args.model
     if not (model / "model_config.json").exists(): sys.exit(f"no model artifact at {model}; pass --model DIR or --make-demo-artifact")
